@@ -1,0 +1,20 @@
+"""Shared test set-up.
+
+Triton kernels run under the interpreter on machines without CUDA; the variable must be set before anything
+imports triton, so it is set here, at collection time.
+"""
+import os
+import shutil
+
+import pytest
+
+if not os.environ.get("CUDA_VISIBLE_DEVICES") and shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random 9-channel inpainting model written by our own code, shared by the whole session."""
+    from worker.model.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-model"), in_channels=9, seed=0)

@@ -1,0 +1,120 @@
+"""The denoise runner's graph cache: keying, reuse across jobs, LRU eviction and the eager fallback.
+
+Real CUDA graphs need a GPU (tests/test_denoise_gpu.py); here the capture is injected: a "graph" whose replay runs
+the same step function eagerly on its own static buffers, which exercises everything around the capture.
+"""
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from worker.denoise import DenoiseRunner, GraphCache, StepState, _Graph, denoise_step
+from worker.pipeline import InpaintPipeline
+from worker.schedulers import SCHEDULERS
+
+
+class _EagerGraph:
+    def __init__(self, replay):
+        self.replay = replay
+
+
+def eager_capture(unet, sampler, inputs):
+    state = StepState(inputs)
+    return _Graph(graph=_EagerGraph(lambda: denoise_step(unet, sampler, state)), state=state, sampler=sampler)
+
+
+def failing_capture(unet, sampler, inputs):
+    raise RuntimeError("operation not permitted when stream is capturing")
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir):
+    return InpaintPipeline.from_pretrained(str(tiny_model_dir), device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def scene():
+    rng = np.random.default_rng(5)
+    image = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    mask = Image.new("L", image.size, 0)
+    mask.paste(255, (8, 8, 24, 24))
+    return image, mask
+
+
+def _images(pipe, scene, **kwargs):
+    return [np.asarray(i) for i in pipe("a dog", *scene, num_inference_steps=4, seed=3, **kwargs)]
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_replayed_steps_equal_eager_across_jobs(pipe, scene, scheduler):
+    eager = pipe.runner
+    graphs = DenoiseRunner(pipe.unet, mode="auto", capture=eager_capture)
+    jobs = [dict(scheduler=scheduler), dict(scheduler=scheduler, strength=0.5, guidance_scale=3.0),
+            dict(scheduler=scheduler)]
+    expected = [_images(pipe, scene, **job) for job in jobs]
+    pipe.runner = graphs
+    try:
+        got = [_images(pipe, scene, **job) for job in jobs]
+    finally:
+        pipe.runner = eager
+    for want, have in zip(expected, got):
+        assert all(np.array_equal(a, b) for a, b in zip(want, have))
+    assert graphs.graphs.captures == 1  # one shape: the second and third jobs replay the first capture
+
+
+def test_a_new_shape_or_schedule_captures_again(pipe, scene):
+    graphs = DenoiseRunner(pipe.unet, capture=eager_capture)
+    eager, pipe.runner = pipe.runner, graphs
+    try:
+        _images(pipe, scene, scheduler="ddim")
+        _images(pipe, scene, scheduler="euler")
+        pipe("a dog", *scene, num_inference_steps=5, seed=3, scheduler="ddim")
+        pipe("a dog", *scene, num_inference_steps=4, seed=3, scheduler="ddim", num_images_per_prompt=2)
+        _images(pipe, scene, scheduler="ddim")
+    finally:
+        pipe.runner = eager
+    assert graphs.graphs.captures == 4
+
+
+def test_lru_evicts_the_least_recently_used_key():
+    captured = []
+    cache = GraphCache(2, lambda name: captured.append(name) or name)
+    for key in ["a", "b", "a", "c", "b"]:
+        cache.get(key, key)
+    assert captured == ["a", "b", "c", "b"]  # "b" was evicted when "c" came in, "a" was used more recently
+    assert "a" not in cache and "b" in cache and "c" in cache and len(cache) == 2
+    with pytest.raises(ValueError, match="max_graphs"):
+        GraphCache(0, lambda: None)
+
+
+def test_capture_failure_falls_back_to_eager_with_one_logged_reason(pipe, scene, caplog):
+    expected = _images(pipe, scene, scheduler="pndm")
+    eager, pipe.runner = pipe.runner, DenoiseRunner(pipe.unet, mode="auto", capture=failing_capture)
+    try:
+        with caplog.at_level(logging.WARNING, logger="worker.denoise"):
+            first = _images(pipe, scene, scheduler="pndm")
+            second = _images(pipe, scene, scheduler="pndm")
+    finally:
+        pipe.runner = eager
+    assert all(np.array_equal(a, b) for a, b in zip(expected, first))
+    assert all(np.array_equal(a, b) for a, b in zip(expected, second))
+    warnings = [r for r in caplog.records if "capture failed" in r.getMessage()]
+    assert len(warnings) == 1 and "stream is capturing" in warnings[0].reason
+
+
+def test_mode_on_surfaces_a_capture_failure(pipe, scene):
+    eager, pipe.runner = pipe.runner, DenoiseRunner(pipe.unet, mode="on", capture=failing_capture)
+    try:
+        with pytest.raises(RuntimeError, match="capturing"):
+            _images(pipe, scene)
+    finally:
+        pipe.runner = eager
+
+
+def test_graphs_off_and_bad_mode():
+    runner = DenoiseRunner(torch.nn.Identity(), mode="off", capture=eager_capture)
+    assert not runner.uses_graphs(torch.device("cuda"))
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        DenoiseRunner(torch.nn.Identity(), mode="sometimes")

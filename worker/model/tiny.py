@@ -1,0 +1,192 @@
+"""Write a tiny random inpainting model in the diffusers folder layout.
+
+    python -m worker.model.tiny DIR [--in-channels 9|4] [--seed N]
+
+The folder loads with our loader and with diffusers' StableDiffusionInpaintPipeline, so tests and demos run the
+whole stack in seconds on a CPU. Only our own modules and transformers are used; diffusers is not needed.
+"""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from worker.model.unet import UNet2DConditionModel, UNetConfig
+from worker.model.vae import AutoencoderKL, VAEConfig
+
+DIFFUSERS_VERSION = "0.30.0"  # the format version the files follow, written as diffusers does
+WEIGHT_SCALE = 0.5            # shrinks the default init so tiny random images stay away from 0 and 255
+
+# Equal to stable-diffusion-v1-5/stable-diffusion-inpainting's scheduler/scheduler_config.json.
+SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+    "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+    "clip_sample": False,
+}
+
+# Short words that become single tokens; everything else still tokenizes, byte by byte.
+WORDS = (
+    "a an the of on in at to and with by for from is it this that photo picture painting drawing image "
+    "cat dog bird horse car house tree flower sky sea sun moon cloud grass road wall door window table chair "
+    "red blue green yellow black white gray orange pink purple brown dark light big small old new "
+    "high quality detailed blurry bad ugly art style man woman face hand eye hair"
+).split()
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+MAX_LENGTH = 77
+
+
+def unet_config(in_channels: int) -> dict:
+    """A tiny UNet config with the same keys as SD1.5-inpainting's unet/config.json."""
+    return {
+        "_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION,
+        "act_fn": "silu", "attention_head_dim": 8, "block_out_channels": [32, 64], "center_input_sample": False,
+        "cross_attention_dim": 32, "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": in_channels,
+        "layers_per_block": 1, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
+        "out_channels": 4, "sample_size": 32, "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    }
+
+
+def vae_config() -> dict:
+    """A tiny VAE config with the same keys as SD1.5's vae/config.json; two blocks = scale factor 2."""
+    return {
+        "_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION,
+        "act_fn": "silu", "block_out_channels": [32, 64],
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"], "in_channels": 3, "latent_channels": 4,
+        "layers_per_block": 1, "norm_num_groups": 32, "out_channels": 3, "sample_size": 64,
+        "scaling_factor": 0.18215, "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    }
+
+
+def model_index() -> dict:
+    """model_index.json as diffusers writes it for StableDiffusionInpaintPipeline without a safety checker."""
+    return {
+        "_class_name": "StableDiffusionInpaintPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+        "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
+        "safety_checker": [None, None], "scheduler": ["diffusers", "PNDMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """CLIP's byte -> printable character table: the BPE alphabet, so every string has a tokenization."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[byte] = chr(byte)
+        else:
+            table[byte] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _apply_merges(parts: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word: merge the best-ranked adjacent pair until none is listed."""
+    while len(parts) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(parts, parts[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        parts = parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2:]
+    return parts
+
+
+def bpe_vocab_and_merges(words=WORDS) -> tuple[dict[str, int], list[str]]:
+    """CLIP-layout vocab: the 256 byte symbols, the same with "</w>", merged words, then the special tokens.
+
+    Merges are added until each listed word encodes to a single token under the merges of all words before it,
+    so every merge result is in the vocab and the words stay single tokens whatever their order.
+    """
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols]
+    ranks: dict[tuple[str, str], int] = {}
+    for word in words:
+        parts = _apply_merges(list(word[:-1]) + [word[-1] + "</w>"], ranks)
+        while len(parts) > 1:
+            ranks[parts[0], parts[1]] = len(ranks)
+            tokens.append(parts[0] + parts[1])
+            parts = _apply_merges(parts, ranks)
+    tokens += [BOS, EOS]
+    merges = [f"{left} {right}" for left, right in ranks]
+    return {token: i for i, token in enumerate(dict.fromkeys(tokens))}, merges
+
+
+def write_tokenizer(folder: Path) -> dict[str, int]:
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = bpe_vocab_and_merges()
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": MAX_LENGTH, "do_lower_case": True,
+              "clean_up_tokenization_spaces": False, **special}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return vocab
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _shrink_(module: torch.nn.Module) -> torch.nn.Module:
+    with torch.no_grad():
+        for param in module.parameters():
+            param.mul_(WEIGHT_SCALE)
+    return module
+
+
+def _write_module(folder: Path, config: dict, module: torch.nn.Module) -> None:
+    _write_json(folder / "config.json", config)
+    state = {name: tensor.contiguous() for name, tensor in module.state_dict().items()}
+    save_file(state, folder / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+
+
+def _write_text_encoder(folder: Path, vocab: dict[str, int]) -> None:
+    config = CLIPTextConfig(
+        vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=MAX_LENGTH, projection_dim=32, hidden_act="quick_gelu",
+        bos_token_id=vocab[BOS], eos_token_id=vocab[EOS], pad_token_id=vocab[EOS])
+    assert len(vocab) <= config.vocab_size, "the tokenizer vocab must fit the text encoder's embedding"
+    CLIPTextModel(config).save_pretrained(folder)
+
+
+def write_tiny_model(folder: Path, in_channels: int = 9, seed: int = 0) -> Path:
+    """Write the tiny model into `folder` (created if needed) and return it. Same seed, same bytes."""
+    if in_channels not in (4, 9):
+        raise ValueError(f"in_channels must be 9 (inpainting UNet) or 4 (plain SD UNet), got {in_channels!r}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_json(folder / "model_index.json", model_index())
+    _write_json(folder / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
+    vocab = write_tokenizer(folder / "tokenizer")
+    # Forked so that writing a model leaves the caller's random state untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = _shrink_(UNet2DConditionModel(UNetConfig.from_dict(unet_config(in_channels))))
+        _write_module(folder / "unet", unet_config(in_channels), unet)
+        vae = _shrink_(AutoencoderKL(VAEConfig.from_dict(vae_config())))
+        _write_module(folder / "vae", vae_config(), vae)
+        _write_text_encoder(folder / "text_encoder", vocab)
+    return folder
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m worker.model.tiny", description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path, help="output folder (created if needed)")
+    parser.add_argument("--in-channels", type=int, choices=(9, 4), default=9,
+                        help="9 = inpainting UNet (default), 4 = plain SD UNet")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(write_tiny_model(args.folder, in_channels=args.in_channels, seed=args.seed))
+
+
+if __name__ == "__main__":
+    main()

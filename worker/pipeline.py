@@ -1,0 +1,244 @@
+"""InpaintPipeline: the library API of DESIGN §2.
+
+prompt + image + mask -> text embeddings, latents and mask conditioning -> the denoise loop (worker.denoise) ->
+VAE decode -> PIL images, optionally pasted back over the original. Every random number is drawn on CPU generators,
+one per image, in the order diffusers' StableDiffusionInpaintPipeline draws them, so a seed gives diffusers' pixels.
+"""
+import math
+import secrets
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from worker import imaging
+from worker.denoise import DenoiseInputs, DenoiseRunner, InpaintCancelled
+from worker.model.loader import ModelComponents, load_components
+from worker.schedulers import SCHEDULERS, make_sampler, scheduler_name_for_config
+
+__all__ = ["InpaintPipeline", "InpaintCancelled", "SCHEDULERS"]
+
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class _Request:
+    """Validated call arguments, one entry per output image where it varies per image."""
+    prompts: list[str]             # one per image
+    negative_prompts: list[str]    # one per image
+    seeds: list[int]               # one per image
+    height: int
+    width: int
+    steps: int
+    begin: int                     # first index into the scheduler's timesteps (strength < 1 starts later)
+    scheduler: str
+
+
+class InpaintPipeline:
+    def __init__(self, components: ModelComponents, cuda_graphs: str = "auto", max_graphs: int = 8):
+        self.unet, self.vae, self.text_encoder = components.unet, components.vae, components.text_encoder
+        self.scheduler_config = components.scheduler_config
+        self.default_scheduler = scheduler_name_for_config(self.scheduler_config)
+        self.device, self.dtype = components.device, components.dtype
+        self.vae_scale_factor = self.vae.scale_factor
+        self.runner = DenoiseRunner(self.unet, mode=cuda_graphs, max_graphs=max_graphs)
+
+    @classmethod
+    def from_pretrained(cls, model: str, device=None, dtype=None, revision=None, cache_dir=None,
+                        local_files_only: bool = False, cuda_graphs: str = "auto",
+                        max_graphs: int = 8) -> "InpaintPipeline":
+        components = load_components(model, device=device, dtype=dtype, revision=revision, cache_dir=cache_dir,
+                                     local_files_only=local_files_only)
+        return cls(components, cuda_graphs=cuda_graphs, max_graphs=max_graphs)
+
+    @property
+    def size_multiple(self) -> int:
+        """Height and width must be multiples of this: the VAE factor times the UNet's total downsampling."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def __call__(self, prompt, image: Image.Image, mask: Image.Image, negative_prompt=None,
+                 num_inference_steps: int = 50, guidance_scale: float = 7.5, strength: float = 1.0,
+                 scheduler: str | None = None, seed=None, num_images_per_prompt: int = 1,
+                 height: int | None = None, width: int | None = None, mask_blur: int = 0,
+                 padding_mask_crop: int | None = None, keep_unmasked: bool = False,
+                 callback=None) -> list[Image.Image]:
+        _check_images(image, mask)
+        _check_number("guidance_scale", guidance_scale, low=0.0)
+        _check_int("mask_blur", mask_blur, low=0)
+        request = self._request(prompt, image, negative_prompt, num_inference_steps, strength, scheduler, seed,
+                                num_images_per_prompt, height, width)
+        crop = None
+        if padding_mask_crop is not None:
+            _check_int("padding_mask_crop", padding_mask_crop, low=0)
+            crop = imaging.mask_crop_region(mask, request.width, request.height, padding_mask_crop)
+        rgb = image.convert("RGB")
+        latents = self._denoise(request, rgb, mask, crop, float(guidance_scale), callback)
+        images = imaging.tensor_to_images(self.vae.decode(latents / self.vae.config.scaling_factor).float())
+        if crop is not None or keep_unmasked:
+            paste_mask = imaging.blur_mask(mask, mask_blur)
+            images = [imaging.paste_back(rgb, generated, paste_mask, crop) for generated in images]
+        return images
+
+    def _request(self, prompt, image, negative_prompt, steps, strength, scheduler, seed, per_prompt,
+                 height, width) -> _Request:
+        prompts = _as_prompt_list("prompt", prompt)
+        negatives = [""] * len(prompts) if negative_prompt is None else _as_prompt_list("negative_prompt",
+                                                                                       negative_prompt)
+        if len(negatives) == 1 < len(prompts):
+            negatives = negatives * len(prompts)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"negative_prompt: expected 1 or {len(prompts)} entries (one per prompt), "
+                             f"got {len(negatives)}")
+        _check_int("num_inference_steps", steps, low=1)
+        _check_int("num_images_per_prompt", per_prompt, low=1)
+        _check_number("strength", strength, low=0.0, high=1.0, low_open=True)
+        scheduler = scheduler or self.default_scheduler
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler: {scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+        height, width = self._size(image, height, width)
+        # diffusers' get_timesteps: strength keeps the last int(steps * strength) steps.
+        kept = min(int(steps * strength), steps)
+        if kept < 1:
+            raise ValueError(f"strength: {strength} keeps {kept} of {steps} steps; raise strength or "
+                             "num_inference_steps so that at least one step runs")
+        order = make_sampler(scheduler, self.scheduler_config, steps, "cpu").order
+        return _Request(prompts=[p for p in prompts for _ in range(per_prompt)],
+                        negative_prompts=[n for n in negatives for _ in range(per_prompt)],
+                        seeds=_seeds(seed, len(prompts), per_prompt), height=height, width=width, steps=steps,
+                        begin=(steps - kept) * order, scheduler=scheduler)
+
+    def _size(self, image: Image.Image, height, width) -> tuple[int, int]:
+        for name, value in (("height", height), ("width", width)):
+            if value is not None:
+                _check_int(name, value, low=self.size_multiple)
+                if value % self.size_multiple:
+                    raise ValueError(f"{name}: {value} is not a multiple of {self.size_multiple}")
+        height, width = imaging.default_size(image, height, width, self.size_multiple)
+        if height < self.size_multiple or width < self.size_multiple:
+            raise ValueError(f"image: {image.width}x{image.height} is smaller than the model's minimum "
+                             f"{self.size_multiple}x{self.size_multiple}")
+        return height, width
+
+    def _denoise(self, req: _Request, image: Image.Image, mask: Image.Image, crop, guidance: float,
+                 callback) -> torch.Tensor:
+        sampler = make_sampler(req.scheduler, self.scheduler_config, req.steps, self.device)
+        generators = [torch.Generator("cpu").manual_seed(s) for s in req.seeds]
+        batch, guided = len(req.seeds), guidance > 1.0
+        pixels = imaging.image_to_tensor(image, req.height, req.width, crop)
+        mask_pixels = imaging.mask_to_tensor(mask, req.height, req.width, crop)
+        latent_shape = (batch, self.vae.config.latent_channels,
+                        req.height // self.vae_scale_factor, req.width // self.vae_scale_factor)
+        four_channel = self.unet.config.in_channels == 4
+        starts_from_image = req.begin > 0
+
+        # The draws below follow diffusers' order: image latents (generator 0), the initial noise (every
+        # generator), the masked-image latents (generator 0), then the per-step noise of ancestral samplers.
+        image_latents = None
+        if four_channel or starts_from_image:
+            image_latents = self._encode(pixels, generators[0]).expand(latent_shape)
+        noise = torch.cat([self._randn(latent_shape[1:], g) for g in generators])
+        if starts_from_image:
+            latents = sampler.add_noise(image_latents, noise, req.begin)
+        else:
+            latents = noise * sampler.init_noise_sigma
+        mask_latents = torch.nn.functional.interpolate(mask_pixels, size=latent_shape[2:]).to(self.device,
+                                                                                                 self.dtype)
+        masked = pixels * (mask_pixels < 0.5)
+        if four_channel:
+            self._randn((self.vae.config.latent_channels, *latent_shape[2:]), generators[0])  # keeps the order
+            condition = None
+        else:
+            masked_latents = self._encode(masked, generators[0])
+            condition = torch.cat([mask_latents, masked_latents], dim=1).expand(batch, -1, -1, -1)
+        step_noise = self._step_noise(sampler, req.begin, latent_shape, generators)
+        text = self._text(req, guided)
+        if guided and condition is not None:
+            condition = torch.cat([condition, condition])
+        inputs = DenoiseInputs(
+            latents=latents, text=text, condition=condition, guidance_scale=guidance, step_noise=step_noise,
+            blend=(image_latents, noise, mask_latents.expand(batch, -1, -1, -1)) if four_channel else None)
+        return self.runner.run(sampler, inputs, req.begin, callback)
+
+    def _encode(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Sample the VAE's latent distribution with `generator`, scaled as the UNet expects."""
+        mean, std = self.vae.encode(pixels.to(self.device, self.dtype))
+        sample = mean + std * self._randn(mean.shape[1:], generator)
+        return sample * self.vae.config.scaling_factor
+
+    def _randn(self, shape, generator: torch.Generator) -> torch.Tensor:
+        # Drawn on the CPU in the model's dtype, as diffusers' randn_tensor does for a CPU generator.
+        return torch.randn((1, *shape), generator=generator, dtype=self.dtype).to(self.device)
+
+    def _step_noise(self, sampler, begin: int, latent_shape, generators) -> torch.Tensor | None:
+        """Per-step ancestral noise, drawn up front: (T, B, C, h, w), zeros where a step draws none."""
+        draws = [i for i in range(begin, sampler.num_steps) if sampler.draws_noise(i)]
+        if not draws:
+            return None
+        noise = torch.zeros((sampler.num_steps, *latent_shape), dtype=self.dtype)
+        for i in draws:
+            noise[i] = torch.cat([torch.randn((1, *latent_shape[1:]), generator=g, dtype=self.dtype)
+                                  for g in generators])
+        return noise.to(self.device)
+
+    def _text(self, req: _Request, guided: bool) -> torch.Tensor:
+        """Text embeddings, [negatives; prompts] when guided, encoding each distinct prompt once."""
+        texts = (req.negative_prompts + req.prompts) if guided else req.prompts
+        distinct = list(dict.fromkeys(texts))
+        embeddings = self.text_encoder.encode(distinct).to(self.device, self.dtype)
+        return embeddings[[distinct.index(t) for t in texts]]
+
+    def warmup(self, height: int, width: int, num_inference_steps: int, scheduler: str | None = None,
+               batch: int = 1, guidance_scale: float = 7.5) -> None:
+        """Run one throw-away job of this shape so the CUDA graph (and kernel autotuning) is ready."""
+        blank = Image.new("RGB", (width, height), (127, 127, 127))
+        self(["warm-up"] * batch, blank, Image.new("L", (width, height), 255), scheduler=scheduler,
+             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=0)
+
+
+def _as_prompt_list(name: str, value) -> list[str]:
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, (list, tuple)) or not values or not all(isinstance(v, str) for v in values):
+        raise ValueError(f"{name}: expected a string or a non-empty list of strings, got {type(value).__name__}")
+    return list(values)
+
+
+def _seeds(seed, prompts: int, per_prompt: int) -> list[int]:
+    """One seed per image: `seed + i` for image i of each prompt, or an explicit list of one per image."""
+    if seed is None:
+        seed = secrets.randbelow(MAX_SEED - per_prompt)
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != prompts * per_prompt:
+            raise ValueError(f"seed: a list needs one seed per image ({prompts * per_prompt}), got {len(seed)}")
+        for s in seed:
+            _check_int("seed", s, low=0, high=MAX_SEED)
+        return list(seed)
+    _check_int("seed", seed, low=0, high=MAX_SEED - per_prompt)
+    return [seed + i for _ in range(prompts) for i in range(per_prompt)]
+
+
+def _check_images(image, mask) -> None:
+    for name, value in (("image", image), ("mask", mask)):
+        if not isinstance(value, Image.Image):
+            raise ValueError(f"{name}: expected a PIL image, got {type(value).__name__}")
+        if value.width < 1 or value.height < 1:
+            raise ValueError(f"{name}: the image is empty ({value.width}x{value.height})")
+    if image.size != mask.size:
+        raise ValueError(f"mask: size {mask.width}x{mask.height} differs from the image's "
+                         f"{image.width}x{image.height}")
+
+
+def _check_int(name: str, value, low: int | None = None, high: int | None = None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name}: expected an integer, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name}: {value} is outside [{low}, {high if high is not None else 'inf'}]")
+
+
+def _check_number(name: str, value, low: float, high: float | None = None, low_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    too_low = value <= low if low_open else value < low
+    if too_low or (high is not None and value > high):
+        bounds = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}]"
+        raise ValueError(f"{name}: {value} is outside {bounds}")
