@@ -10,7 +10,7 @@ import json
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -26,27 +26,43 @@ __all__ = ["InpaintClient", "AsyncInpaintClient", "ClientConfig", "EnqueueError"
 
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 DEFAULT_QUEUE = "inpaint"
+# The input formats the workers decode (worker.jobs.INPUT_FORMATS, which the client may not import).
+INPUT_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
 # How long one blocking stream read waits before the client re-reads the job's hash (a job whose stream expired
 # or was trimmed still ends the iteration).
 EVENT_BLOCK_MS = 1000
 # Publishing retries briefly, then raises: a caller must learn that the job was not enqueued.
 PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.5}
 
-# Creates the job's `queued` state, and its first event, only when the job's hash does not exist yet, in one step:
-# a duplicate submit of the same job_id must neither overwrite the state of a job that ran nor enqueue it again.
-# KEYS: job hash, job stream, shared stream. ARGV: ttl seconds, shared stream cap, n hash fields, then the hash
-# fields and values, then the event fields and values.
-CREATE_QUEUED_SCRIPT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+# The client's two state writes, each one atomic script that updates the job's hash and appends its event to both
+# streams (DESIGN §4), in the same shape as the worker's writes. KEYS: job hash, job stream, shared stream, cancel
+# flag. ARGV: ttl seconds, shared stream cap, n, then n hash field/value pairs, then the event's field/value pairs.
+_WRITE_PRELUDE = """
 local ttl, cap, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local state, event = {}, {}
-for i = 4, 3 + 2 * n do state[#state + 1] = ARGV[i] end
-for i = 4 + 2 * n, #ARGV do event[#event + 1] = ARGV[i] end
-redis.call('HSET', KEYS[1], unpack(state))
-redis.call('EXPIRE', KEYS[1], ttl)
-redis.call('XADD', KEYS[2], '*', unpack(event))
-redis.call('EXPIRE', KEYS[2], ttl)
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', cap, '*', unpack(event))
+local function write_and_emit()
+  local state, event = {}, {}
+  for i = 4, 3 + 2 * n do state[#state + 1] = ARGV[i] end
+  for i = 4 + 2 * n, #ARGV do event[#event + 1] = ARGV[i] end
+  redis.call('HSET', KEYS[1], unpack(state))
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('XADD', KEYS[2], '*', unpack(event))
+  redis.call('EXPIRE', KEYS[2], ttl)
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', cap, '*', unpack(event))
+end
+"""
+# Only a job without a hash becomes `queued`: a duplicate submit of a job_id neither overwrites the state of a job
+# that ran nor enqueues it again.
+CREATE_QUEUED_SCRIPT = _WRITE_PRELUDE + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+write_and_emit()
+return 1
+"""
+# Sets the cancel flag (a running job stops at its next step); a job still `queued` ends `canceled` at once, in
+# the same step, so a worker that claims it later finds it final and skips it.
+CANCEL_SCRIPT = _WRITE_PRELUDE + """
+redis.call('SET', KEYS[4], '1', 'EX', ttl)
+if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return 0 end
+write_and_emit()
 return 1
 """
 
@@ -62,6 +78,8 @@ class ClientConfig:
     s3_endpoint_url: str | None = None    # None: AWS
     bucket: str | None = None
     queue: str = DEFAULT_QUEUE
+    state_ttl_s: int = schema.STATE_TTL_SECONDS
+    events_maxlen: int = schema.EVENTS_STREAM_MAXLEN
 
     @classmethod
     def from_env(cls, environ=None) -> "ClientConfig":
@@ -71,7 +89,9 @@ class ClientConfig:
                    state_url=env.get("INPAINT_STATE_URL") or None,
                    s3_endpoint_url=env.get("INPAINT_S3_ENDPOINT_URL") or None,
                    bucket=env.get("INPAINT_BUCKET") or None,
-                   queue=env.get("INPAINT_QUEUE") or DEFAULT_QUEUE)
+                   queue=env.get("INPAINT_QUEUE") or DEFAULT_QUEUE,
+                   state_ttl_s=_int_variable(env, "INPAINT_STATE_TTL_S", schema.STATE_TTL_SECONDS),
+                   events_maxlen=_int_variable(env, "INPAINT_EVENTS_MAXLEN", schema.EVENTS_STREAM_MAXLEN))
 
 
 @dataclass(frozen=True)
@@ -88,46 +108,46 @@ class _Submission:
 
 
 class _ClientCore:
-    """What the blocking and the asyncio client share: configuration, S3, Celery, and the pure job logic."""
+    """What the blocking and the asyncio client share: configuration, S3, Celery, and the pure job logic.
+
+    Subclasses set `_redis_class`: redis.Redis or redis.asyncio.Redis.
+    """
 
     def __init__(self, broker_url: str = DEFAULT_BROKER_URL, state_url: str | None = None,
-                 s3_endpoint_url: str | None = None, bucket: str | None = None, queue: str = DEFAULT_QUEUE):
-        self.config = ClientConfig(broker_url, state_url, s3_endpoint_url, bucket, queue)
+                 s3_endpoint_url: str | None = None, bucket: str | None = None, queue: str = DEFAULT_QUEUE,
+                 state_ttl_s: int = schema.STATE_TTL_SECONDS, events_maxlen: int = schema.EVENTS_STREAM_MAXLEN):
+        self.config = ClientConfig(broker_url, state_url, s3_endpoint_url, bucket, queue, state_ttl_s,
+                                   events_maxlen)
         self._s3 = boto3.client("s3", endpoint_url=s3_endpoint_url)
         self._celery = _celery_app(broker_url)
+        self._redis = self._redis_class.from_url(state_url or broker_url, decode_responses=True)
+        self._create_queued = self._redis.register_script(CREATE_QUEUED_SCRIPT)
+        self._cancel = self._redis.register_script(CANCEL_SCRIPT)
 
     @classmethod
     def from_env(cls, environ=None):
+        """A client configured by the INPAINT_* variables of `environ` (default: os.environ)."""
         config = ClientConfig.from_env(environ)
-        return cls(config.broker_url, config.state_url, config.s3_endpoint_url, config.bucket, config.queue)
-
-    @property
-    def _state_url(self) -> str:
-        return self.config.state_url or self.config.broker_url
+        return cls(**{f.name: getattr(config, f.name) for f in fields(config)})
 
     def _prepare(self, image, mask, prompt: str, options: dict) -> _Submission:
         """The validated job and the input files to upload; raises ValueError before anything is sent."""
         options = dict(options)
         job_id = options.pop("job_id", None) or uuid.uuid4().hex
         output_format = options.pop("output_format", "png")
+        bucket = self._require_bucket()
         uploads, uris = [], {}
         for name, value in (("image", image), ("mask", mask)):
-            uri, upload = self._input(name, value, job_id)
-            uris[name] = uri
-            if upload is not None:
-                uploads.append(upload)
-        bucket = self._require_bucket()
+            if isinstance(value, str) and value.startswith("s3://"):
+                uris[name] = value
+                continue
+            body, extension = _encoded_image(name, value)
+            uploads.append(_Upload(f"inputs/{job_id}/{name}.{extension}", body, schema.CONTENT_TYPES[extension]))
+            uris[name] = f"s3://{bucket}/{uploads[-1].key}"
         job = schema.Job.from_dict({
             "job_id": job_id, "image": uris["image"], "mask": uris["mask"], "prompt": prompt, **options,
             "output": {"bucket": bucket, "prefix": f"jobs/{job_id}/", "format": output_format}})
         return _Submission(job=job.to_dict(), uploads=uploads)
-
-    def _input(self, name: str, value, job_id: str) -> tuple[str, _Upload | None]:
-        if isinstance(value, str) and value.startswith("s3://"):
-            return value, None
-        body, extension = _encoded_image(name, value)
-        key = f"inputs/{job_id}/{name}.{extension}"
-        return f"s3://{self._require_bucket()}/{key}", _Upload(key, body, f"image/{extension}")
 
     def _require_bucket(self) -> str:
         if not self.config.bucket:
@@ -139,6 +159,7 @@ class _ClientCore:
                             ContentType=upload.content_type)
 
     def _send(self, job: dict) -> None:
+        """Publish the task by name, JSON, with the job_id as task id (so cancel can revoke it)."""
         try:
             self._celery.send_task(schema.TASK_NAME, args=[job], task_id=job["job_id"], queue=self.config.queue,
                                    priority=job["priority"], serializer="json", retry=True,
@@ -150,36 +171,49 @@ class _ClientCore:
     def _revoke(self, job_id: str) -> None:
         self._celery.control.revoke(job_id)
 
-    def _create_queued_args(self, job: dict) -> tuple[list[str], list]:
-        job_id = job["job_id"]
-        state = schema.queued_state_fields(job)
-        event = schema.event_fields(job_id, "state", state=schema.QUEUED)
-        keys = [schema.job_key(job_id), schema.job_events_key(job_id), schema.EVENTS_STREAM]
-        args = [schema.STATE_TTL_SECONDS, schema.EVENTS_STREAM_MAXLEN, len(state)]
-        args += [item for pair in state.items() for item in pair]
-        args += [item for pair in event.items() for item in pair]
-        return keys, args
+    def _script_call(self, job_id: str, state: dict, event: dict) -> dict:
+        """Keyword arguments of a CREATE_QUEUED_SCRIPT / CANCEL_SCRIPT call."""
+        keys = [schema.job_key(job_id), schema.job_events_key(job_id), schema.EVENTS_STREAM,
+                schema.cancel_key(job_id)]
+        args = [self.config.state_ttl_s, self.config.events_maxlen, len(state)]
+        args += [item for pair in (*state.items(), *event.items()) for item in pair]
+        return {"keys": keys, "args": args}
 
-    def _images(self, status: "schema.JobStatus") -> list[tuple[str, str]]:
+    def _queued_call(self, job: dict) -> dict:
+        event = schema.event_fields(job["job_id"], schema.EVENT_STATE, schema.QUEUED)
+        return self._script_call(job["job_id"], schema.queued_state_fields(job), event)
+
+    def _cancel_call(self, job_id: str) -> dict:
+        now = time.time()
+        error = {"code": schema.CANCELED_ERROR, "message": "canceled by the client before it started"}
+        state = {"state": schema.CANCELED, "finished_at": repr(now), "error": json.dumps(error)}
+        event = schema.event_fields(job_id, schema.EVENT_STATE, schema.CANCELED, data={"error": error}, ts=now)
+        return self._script_call(job_id, state, event)
+
+    def _images(self, status: schema.JobStatus) -> list[tuple[str, str]]:
         if status.state != schema.SUCCEEDED:
             raise ValueError(f"job {status.job_id}: no images to fetch, the job is {status.state}")
-        return [_split_s3_uri(image["uri"]) for image in status.result["images"]]
+        return [schema.parse_s3_uri("result", image["uri"]) for image in status.result["images"]]
+
+    def _get_bytes(self, bucket: str, key: str) -> bytes:
+        return self._s3.get_object(Bucket=bucket, Key=key)["Body"].read()
 
     def _get_image(self, bucket: str, key: str) -> Image.Image:
-        body = self._s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-        image = Image.open(io.BytesIO(body))
+        image = Image.open(io.BytesIO(self._get_bytes(bucket, key)))
         image.load()
         return image
 
+    def _save(self, bucket: str, key: str, folder) -> Path:
+        # Named <job_id>-<file name>: the output keys are jobs/<job_id>/<i>.<format> (DESIGN §4).
+        path = Path(folder) / "-".join(key.split("/")[-2:])
+        path.write_bytes(self._get_bytes(bucket, key))
+        return path
+
 
 class InpaintClient(_ClientCore):
-    """Blocking client. See the module docstring and DESIGN §7."""
+    """Blocking client (DESIGN §7). Use as a context manager, or call close()."""
 
-    def __init__(self, broker_url: str = DEFAULT_BROKER_URL, state_url: str | None = None,
-                 s3_endpoint_url: str | None = None, bucket: str | None = None, queue: str = DEFAULT_QUEUE):
-        super().__init__(broker_url, state_url, s3_endpoint_url, bucket, queue)
-        self._redis = redis.Redis.from_url(self._state_url, decode_responses=True)
-        self._create_queued = self._redis.register_script(CREATE_QUEUED_SCRIPT)
+    _redis_class = redis.Redis
 
     def close(self) -> None:
         self._redis.close()
@@ -194,7 +228,8 @@ class InpaintClient(_ClientCore):
     def submit(self, image, mask, prompt: str, **job_options) -> str:
         """Validate, upload local inputs, record the job as queued and enqueue it; returns the job_id.
 
-        A job_id that already has a state is not enqueued again (submits are idempotent by job_id).
+        image, mask: PIL images, bytes, paths or s3:// URIs. job_options: the job's fields (DESIGN §3) plus
+        `job_id` and `output_format`. Submits are idempotent by job_id: one that has a state is not sent again.
         """
         submission = self._prepare(image, mask, prompt, job_options)
         job = submission.job
@@ -202,59 +237,57 @@ class InpaintClient(_ClientCore):
             return job["job_id"]
         for upload in submission.uploads:
             self._upload(upload)
-        keys, args = self._create_queued_args(job)
-        if self._create_queued(keys=keys, args=args):
+        call = self._queued_call(job)
+        if self._create_queued(**call):
             try:
                 self._send(job)
             except EnqueueError:
-                self._redis.delete(*keys[:2])
+                self._redis.delete(*call["keys"][:2])
                 raise
         return job["job_id"]
 
-    def status(self, job_id: str) -> "schema.JobStatus":
+    def status(self, job_id: str) -> schema.JobStatus:
+        """The job's state; `expired` when its hash is gone (or it never existed)."""
         return schema.JobStatus.from_hash(job_id, self._redis.hgetall(schema.job_key(job_id)))
 
     def events(self, job_id: str, timeout: float | None = None):
-        """Yield the job's events (dicts) from its first, blocking for new ones; ends after a final state.
+        """Yield the job's events (schema.parse_event dicts) from its first; ends after a final state.
 
         Raises TimeoutError when `timeout` seconds pass first.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        stream, last_id = schema.job_events_key(job_id), "0-0"
-        while True:
-            reply = self._redis.xread({stream: last_id}, block=_block_ms(deadline, job_id), count=100)
-            entries = reply[0][1] if reply else []
-            for last_id, fields in entries:
-                event = schema.parse_event(fields)
-                yield event
-                if event["state"] in schema.FINAL_STATES:
-                    return
-            if not entries and self.status(job_id).state in schema.FINAL_STATES:
+        reader = _EventReader(job_id, timeout)
+        while not reader.done:
+            reply = self._redis.xread(reader.streams, block=reader.block_ms(), count=100)
+            yield from reader.take(reply)
+            if reader.idle(reply) and self.status(job_id).final:
                 return
 
-    def wait(self, job_id: str, timeout: float | None = None) -> "schema.JobStatus":
+    def wait(self, job_id: str, timeout: float | None = None) -> schema.JobStatus:
         """The job's final status; raises TimeoutError after `timeout` seconds."""
         for _ in self.events(job_id, timeout=timeout):
             pass
         return self.status(job_id)
 
     def fetch(self, job_id: str) -> list[Image.Image]:
+        """A succeeded job's images, from the S3 URIs in its result."""
         return [self._get_image(bucket, key) for bucket, key in self._images(self.status(job_id))]
 
+    def download(self, job_id: str, folder) -> list[Path]:
+        """Save a succeeded job's image files, byte for byte, in `folder`; returns their paths."""
+        locations = self._images(self.status(job_id))
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        return [self._save(bucket, key, folder) for bucket, key in locations]
+
     def cancel(self, job_id: str) -> None:
-        """Ask the job to stop: set its cancel flag (read between denoise steps) and revoke the queued task."""
-        self._redis.set(schema.cancel_key(job_id), "1", ex=schema.STATE_TTL_SECONDS)
+        """Set the job's cancel flag (read between denoise steps), end it now if still queued, revoke the task."""
+        self._cancel(**self._cancel_call(job_id))
         self._revoke(job_id)
 
 
 class AsyncInpaintClient(_ClientCore):
     """The asyncio twin of InpaintClient: Redis through redis.asyncio, S3 and Celery calls in threads."""
 
-    def __init__(self, broker_url: str = DEFAULT_BROKER_URL, state_url: str | None = None,
-                 s3_endpoint_url: str | None = None, bucket: str | None = None, queue: str = DEFAULT_QUEUE):
-        super().__init__(broker_url, state_url, s3_endpoint_url, bucket, queue)
-        self._redis = redis.asyncio.Redis.from_url(self._state_url, decode_responses=True)
-        self._create_queued = self._redis.register_script(CREATE_QUEUED_SCRIPT)
+    _redis_class = redis.asyncio.Redis
 
     async def aclose(self) -> None:
         await self._redis.aclose()
@@ -272,33 +305,28 @@ class AsyncInpaintClient(_ClientCore):
         if await self._redis.exists(schema.job_key(job["job_id"])):
             return job["job_id"]
         await asyncio.gather(*(asyncio.to_thread(self._upload, upload) for upload in submission.uploads))
-        keys, args = self._create_queued_args(job)
-        if await self._create_queued(keys=keys, args=args):
+        call = self._queued_call(job)
+        if await self._create_queued(**call):
             try:
                 await asyncio.to_thread(self._send, job)
             except EnqueueError:
-                await self._redis.delete(*keys[:2])
+                await self._redis.delete(*call["keys"][:2])
                 raise
         return job["job_id"]
 
-    async def status(self, job_id: str) -> "schema.JobStatus":
+    async def status(self, job_id: str) -> schema.JobStatus:
         return schema.JobStatus.from_hash(job_id, await self._redis.hgetall(schema.job_key(job_id)))
 
     async def events(self, job_id: str, timeout: float | None = None):
-        deadline = None if timeout is None else time.monotonic() + timeout
-        stream, last_id = schema.job_events_key(job_id), "0-0"
-        while True:
-            reply = await self._redis.xread({stream: last_id}, block=_block_ms(deadline, job_id), count=100)
-            entries = reply[0][1] if reply else []
-            for last_id, fields in entries:
-                event = schema.parse_event(fields)
+        reader = _EventReader(job_id, timeout)
+        while not reader.done:
+            reply = await self._redis.xread(reader.streams, block=reader.block_ms(), count=100)
+            for event in reader.take(reply):
                 yield event
-                if event["state"] in schema.FINAL_STATES:
-                    return
-            if not entries and (await self.status(job_id)).state in schema.FINAL_STATES:
+            if reader.idle(reply) and (await self.status(job_id)).final:
                 return
 
-    async def wait(self, job_id: str, timeout: float | None = None) -> "schema.JobStatus":
+    async def wait(self, job_id: str, timeout: float | None = None) -> schema.JobStatus:
         async for _ in self.events(job_id, timeout=timeout):
             pass
         return await self.status(job_id)
@@ -307,9 +335,52 @@ class AsyncInpaintClient(_ClientCore):
         locations = self._images(await self.status(job_id))
         return list(await asyncio.gather(*(asyncio.to_thread(self._get_image, b, k) for b, k in locations)))
 
+    async def download(self, job_id: str, folder) -> list[Path]:
+        locations = self._images(await self.status(job_id))
+        await asyncio.to_thread(Path(folder).mkdir, parents=True, exist_ok=True)
+        return list(await asyncio.gather(*(asyncio.to_thread(self._save, b, k, folder) for b, k in locations)))
+
     async def cancel(self, job_id: str) -> None:
-        await self._redis.set(schema.cancel_key(job_id), "1", ex=schema.STATE_TTL_SECONDS)
+        await self._cancel(**self._cancel_call(job_id))
         await asyncio.to_thread(self._revoke, job_id)
+
+
+class _EventReader:
+    """The I/O-free half of events(): where to read from, how long to block, when the job's events end."""
+
+    def __init__(self, job_id: str, timeout: float | None):
+        self.job_id = job_id
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.stream, self.last_id = schema.job_events_key(job_id), "0-0"
+        self.done = False
+
+    @property
+    def streams(self) -> dict:
+        return {self.stream: self.last_id}
+
+    def block_ms(self) -> int:
+        """How long the next read may block; raises TimeoutError once the deadline has passed."""
+        if self.deadline is None:
+            return EVENT_BLOCK_MS
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"job {self.job_id}: not finished within the timeout")
+        return max(1, min(EVENT_BLOCK_MS, int(left * 1000)))
+
+    def take(self, reply) -> list[dict]:
+        """The events of one XREAD reply, up to and including the first final one."""
+        events = []
+        for entry_id, fields_ in (reply[0][1] if reply else []):
+            self.last_id = entry_id
+            events.append(schema.parse_event(fields_))
+            if events[-1]["state"] in schema.FINAL_STATES:
+                self.done = True
+                break
+        return events
+
+    def idle(self, reply) -> bool:
+        """True after a read that found nothing new: time to re-read the hash, whose end the stream may lack."""
+        return not reply and not self.done
 
 
 def _celery_app(broker_url: str) -> Celery:
@@ -320,7 +391,8 @@ def _celery_app(broker_url: str) -> Celery:
 
 
 def _encoded_image(name: str, value) -> tuple[bytes, str]:
-    """(file bytes, extension) of an input given as a PIL image, bytes or a path; PIL images are sent as PNG."""
+    """(file bytes, extension) of an input given as a PIL image, bytes or a path; PIL images are sent as PNG,
+    files as they are (PNG, JPEG or WEBP)."""
     if isinstance(value, Image.Image):
         buffer = io.BytesIO()
         value.save(buffer, format="PNG")
@@ -338,24 +410,18 @@ def _encoded_image(name: str, value) -> tuple[bytes, str]:
             image_format = image.format
     except UnidentifiedImageError:
         raise ValueError(f"{name}: the bytes are not an image PIL can read") from None
-    return body, image_format.lower()
+    if image_format not in INPUT_FORMATS:
+        raise ValueError(f"{name}: {image_format} images are not accepted; send {', '.join(INPUT_FORMATS)} "
+                         "(or a PIL image, sent as PNG)")
+    return body, INPUT_FORMATS[image_format]
 
 
-def _split_s3_uri(uri: str) -> tuple[str, str]:
-    parsed = urlparse(uri)
-    if parsed.scheme != "s3" or not parsed.netloc or not parsed.path.lstrip("/"):
-        raise ValueError(f"uri: {uri!r} is not an s3://bucket/key URI")
-    return parsed.netloc, parsed.path.lstrip("/")
-
-
-def _block_ms(deadline: float | None, job_id: str) -> int:
-    """How long the next stream read may block; raises TimeoutError once the deadline has passed."""
-    if deadline is None:
-        return EVENT_BLOCK_MS
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError(f"job {job_id}: not finished within the timeout")
-    return max(1, min(EVENT_BLOCK_MS, int(left * 1000)))
+def _int_variable(env, variable: str, default: int) -> int:
+    value = env.get(variable) or str(default)
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{variable}: expected an integer, got {value!r}") from None
 
 
 def _redacted(url: str) -> str:

@@ -59,8 +59,8 @@ def _scene(width: int, height: int) -> tuple[Image.Image, Image.Image]:
 
 
 def _diffusers_images(pipe, scheduler: str | None, prompt, image, mask, seed: int, per_prompt: int, **kwargs):
-    if scheduler is not None:
-        pipe.scheduler = _diffusers_scheduler(scheduler, pipe.scheduler.config)
+    # None means the model's own scheduler: the checkpoint's PNDM (earlier tests swapped diffusers' one).
+    pipe.scheduler = _diffusers_scheduler(scheduler or "pndm", pipe.scheduler.config)
     prompts = [prompt] if isinstance(prompt, str) else prompt
     generators = [torch.Generator("cpu").manual_seed(seed + i) for _ in prompts for i in range(per_prompt)]
     return pipe(prompt=prompt, image=image, mask_image=mask, generator=generators,

@@ -10,7 +10,8 @@ LOADING_PROBLEMS = ("missing_keys", "unexpected_keys", "mismatched_keys", "error
 class TextEncoder:
     def __init__(self, model: CLIPTextModel, tokenizer: CLIPTokenizer):
         self.model, self.tokenizer = model, tokenizer
-        self.max_length: int = tokenizer.model_max_length
+        # A tokenizer_config.json without model_max_length reports a huge default; the position table bounds it.
+        self.max_length: int = min(tokenizer.model_max_length, model.config.max_position_embeddings)
         # Some SD2-style encoders were trained with an attention mask; diffusers passes it only then.
         self.use_attention_mask = bool(getattr(model.config, "use_attention_mask", False))
 

@@ -17,7 +17,7 @@ from worker.model.unet import UNet2DConditionModel, UNetConfig
 from worker.model.vae import AutoencoderKL, VAEConfig
 
 DIFFUSERS_VERSION = "0.30.0"  # the format version the files follow, written as diffusers does
-WEIGHT_SCALE = 0.5            # shrinks the default init so tiny random images stay away from 0 and 255
+WEIGHT_SCALE = 0.7            # shrinks the default init so tiny random images stay away from 0 and 255
 
 # Equal to stable-diffusion-v1-5/stable-diffusion-inpainting's scheduler/scheduler_config.json.
 SCHEDULER_CONFIG = {
@@ -37,6 +37,7 @@ WORDS = (
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 77
+TEXT_MODEL_PREFIX = "text_model."
 
 
 def unet_config(in_channels: int) -> dict:
@@ -154,8 +155,15 @@ def _write_text_encoder(folder: Path, vocab: dict[str, int]) -> None:
         vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
         max_position_embeddings=MAX_LENGTH, projection_dim=32, hidden_act="quick_gelu",
         bos_token_id=vocab[BOS], eos_token_id=vocab[EOS], pad_token_id=vocab[EOS])
-    assert len(vocab) <= config.vocab_size, "the tokenizer vocab must fit the text encoder's embedding"
-    CLIPTextModel(config).save_pretrained(folder)
+    if len(vocab) > config.vocab_size:
+        raise ValueError(f"tokenizer vocab ({len(vocab)}) must fit the text encoder's {config.vocab_size} embeddings")
+    config.architectures = ["CLIPTextModel"]
+    config.save_pretrained(folder)
+    # Keys as every SD checkpoint on the Hub has them ("text_model." first): transformers 4 needs that level and
+    # transformers 5, whose CLIPTextModel dropped it, strips it on load.
+    state = {name if name.startswith(TEXT_MODEL_PREFIX) else TEXT_MODEL_PREFIX + name: tensor.contiguous()
+             for name, tensor in CLIPTextModel(config).state_dict().items()}
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
 
 
 def write_tiny_model(folder: Path, in_channels: int = 9, seed: int = 0) -> Path:

@@ -1,0 +1,157 @@
+"""The whole service: real redis-server, moto S3 over HTTP, two `inpaint-worker` processes on the tiny model."""
+import hashlib
+import io
+import time
+import uuid
+
+from kombu import Connection
+from PIL import Image
+
+from api_client import schema
+from tests.service.conftest import BUCKET, OTHER_BUCKET, sample_image, sample_mask
+
+JOB_TIMEOUT_S = 120
+
+
+def wait_final(service, job_id: str, timeout: float = JOB_TIMEOUT_S) -> schema.JobStatus:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = service.client.status(job_id)
+        if status.final:
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} not final after {timeout}s: {service.client.status(job_id)}; logs:\n"
+                         + "\n".join(worker.log_text()[-3000:] for worker in service.workers))
+
+
+def test_submitted_job_runs_and_reports_everything(service):
+    job_id = service.client.submit(sample_image(), sample_mask(), "a red square", num_inference_steps=2,
+                                   scheduler="ddim", seed=11, num_images=2)
+    status = service.client.wait(job_id, timeout=JOB_TIMEOUT_S)
+    assert status.state == schema.SUCCEEDED, status
+    assert status.attempt == 1 and status.worker in {w.hostname for w in service.workers}
+    assert status.step == status.total_steps == 2
+    assert status.created_at <= status.started_at <= status.finished_at
+    for index, image in enumerate(status.result["images"]):
+        key = f"jobs/{job_id}/{index}.png"
+        assert image["uri"] == f"s3://{BUCKET}/{key}" and image["seed"] == 11 + index
+        body = service.s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == image["sha256"]
+        assert Image.open(io.BytesIO(body)).size == (image["width"], image["height"]) == (64, 64)
+
+    events = service.events(job_id)
+    assert [(e["type"], e["state"]) for e in events] == [
+        ("state", "queued"), ("state", "running"), ("progress", "running"), ("progress", "running"),
+        ("state", "succeeded")]
+    assert [e["step"] for e in events[2:]] == [1, 2, 2] and all(e["total_steps"] == 2 for e in events[2:])
+    assert [e["ts"] for e in events] == sorted(e["ts"] for e in events)
+    assert events[-1]["data"]["result"] == status.result
+    assert service.shared_events(job_id) == events
+
+
+def test_two_workers_share_the_queue(service):
+    job_ids = [service.client.submit(sample_image(), sample_mask(), f"job {i}", num_inference_steps=2,
+                                     scheduler="ddim", seed=i) for i in range(4)]
+    statuses = [wait_final(service, job_id) for job_id in job_ids]
+    assert all(status.state == schema.SUCCEEDED for status in statuses)
+    # Prefetch 1 with late acks: a busy worker holds no second job, so the idle one takes it.
+    assert {status.worker for status in statuses} == {w.hostname for w in service.workers}
+
+
+def test_cancel_stops_a_running_job(service):
+    job_id = service.client.submit(sample_image(), sample_mask(), "a long job", num_inference_steps=60,
+                                   scheduler="ddim", seed=3)
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while service.client.status(job_id).step < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    service.client.cancel(job_id)
+    status = wait_final(service, job_id)
+    assert status.state == schema.CANCELED and status.error["code"] == schema.CANCELED_ERROR
+    assert 1 <= status.step < 60
+    assert service.events(job_id)[-1]["state"] == schema.CANCELED
+    assert not service.s3.list_objects_v2(Bucket=BUCKET, Prefix=f"jobs/{job_id}/").get("Contents")
+
+
+def not_an_image(service, job_id):
+    return {"image": service.put_bytes(f"in/{job_id}/junk.png", b"definitely not a PNG")}
+
+
+def mask_of_other_size(service, job_id):
+    return {"mask": service.put_image(f"in/{job_id}/small.png", sample_mask((32, 32)))}
+
+
+def other_bucket(service, job_id):
+    return {"image": service.put_image(f"in/{job_id}/image.png", sample_image(), bucket=OTHER_BUCKET)}
+
+
+BAD_JOBS = {
+    "not an image": (not_an_image, schema.INVALID_INPUT),
+    "mask size mismatch": (mask_of_other_size, schema.INVALID_INPUT),
+    "over the step limit": (lambda s, j: {"num_inference_steps": 500}, schema.LIMIT_EXCEEDED),
+    "unknown field": (lambda s, j: {"sampler": "ddim"}, schema.INVALID_INPUT),
+    "bucket not allowed": (other_bucket, schema.INVALID_INPUT),
+    "http uri": (lambda s, j: {"image": "http://127.0.0.1/image.png"}, schema.INVALID_INPUT),
+    "missing key": (lambda s, j: {"mask": f"s3://{BUCKET}/in/{j}/missing.png"}, schema.INPUT_NOT_FOUND),
+}
+
+
+def test_bad_jobs_fail_with_their_code_and_the_workers_keep_working(service):
+    sent = {}
+    for name, (change, code) in BAD_JOBS.items():
+        job_id = uuid.uuid4().hex
+        sent[name] = (service.send_raw(service.raw_job(job_id=job_id, **change(service, job_id))), code)
+    good = service.send_raw(service.raw_job())
+    for name, (job_id, code) in sent.items():
+        status = wait_final(service, job_id)
+        assert (status.state, status.error["code"]) == (schema.FAILED, code), name
+        assert status.error["message"], name
+    assert wait_final(service, good).state == schema.SUCCEEDED
+    assert all(worker.poll() is None for worker in service.workers)
+
+
+def test_same_job_id_runs_once(service):
+    job = service.raw_job()
+    service.send_raw(job)
+    service.send_raw(job)
+    status = wait_final(service, job["job_id"])
+    assert status.state == schema.SUCCEEDED and status.attempt == 1
+    # The client does not enqueue a job_id that already has a state.
+    again = service.client.submit(job["image"], job["mask"], "a red square", job_id=job["job_id"])
+    assert again == job["job_id"]
+    deadline = time.monotonic() + 30
+    while service.redis.llen("inpaint") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1)   # the second delivery, if any worker still holds it, is skipped by now
+    running = [e for e in service.events(job["job_id"]) if e["state"] == schema.RUNNING and e["type"] == "state"]
+    assert len(running) == 1 and service.client.status(job["job_id"]).attempt == 1
+
+
+def test_pickle_message_is_never_deserialised(service):
+    job = service.raw_job()
+    with Connection(service.redis_url) as connection:
+        # If this body were decoded the job would run and get a state hash.
+        connection.Producer().publish(
+            [[job], {}, {}], routing_key="inpaint", serializer="pickle",
+            headers={"task": schema.TASK_NAME, "id": job["job_id"], "lang": "py", "retries": 0})
+    follower = service.send_raw(service.raw_job())
+    assert wait_final(service, follower).state == schema.SUCCEEDED
+    deadline = time.monotonic() + 30
+    logs = ""
+    while "Refusing to deserialize" not in logs and time.monotonic() < deadline:
+        time.sleep(0.1)
+        logs = "".join(worker.log_text() for worker in service.workers)
+    assert "Refusing to deserialize untrusted content of type pickle" in logs
+    assert not service.redis.exists(schema.job_key(job["job_id"]))
+    assert all(worker.poll() is None for worker in service.workers)
+
+
+def test_job_without_usable_id_is_dropped_with_a_log(service):
+    job = {**service.raw_job(), "job_id": "not-a-uuid"}
+    service.send_raw(job)
+    deadline = time.monotonic() + 30
+    logs = ""
+    while "job refused" not in logs and time.monotonic() < deadline:
+        time.sleep(0.1)
+        logs = "".join(worker.log_text() for worker in service.workers)
+    assert "job refused" in logs
+    assert not service.redis.exists(schema.job_key("not-a-uuid"))

@@ -1,0 +1,275 @@
+"""Model loading: local folders and the Hub cache, strict key checks, pickle refusal, fp16 variants, the text
+encoder against diffusers' encode_prompt, and the tiny model writer (loaded by diffusers too)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from worker.model.loader import ModelLoadError, load_components, resolve_dtype, resolve_model_folder
+from worker.model.text import TextEncoder
+from worker.model.tiny import SCHEDULER_CONFIG, WORDS, main as tiny_main, write_tiny_model
+
+UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+VAE_WEIGHTS = "vae/diffusion_pytorch_model.safetensors"
+LONG_PROMPT = " ".join(["a red cat sitting on a blue chair"] * 12)  # ~100 tokens: truncated at 77
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def model_copy(tiny_model_dir, tmp_path):
+    return shutil.copytree(tiny_model_dir, tmp_path / "model")
+
+
+@pytest.fixture(scope="module")
+def components(tiny_model_dir):
+    return load_components(str(tiny_model_dir), device="cpu", dtype=torch.float32)
+
+
+def _edit_weights(path, edit):
+    state = load_file(path)
+    edit(state)
+    save_file(state, path, metadata={"format": "pt"})
+
+
+def _assert_state_equals_file(module, path, dtype=torch.float32):
+    expected = load_file(path)
+    state = module.state_dict()
+    assert state.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(state[name], tensor.to(dtype)), name
+
+
+def test_local_folder_loads_every_weight_strictly(components, tiny_model_dir):
+    assert components.path == tiny_model_dir.resolve()
+    assert components.device == torch.device("cpu") and components.dtype == torch.float32
+    assert components.scheduler_config == SCHEDULER_CONFIG
+    assert components.unet.config.in_channels == 9
+    _assert_state_equals_file(components.unet, tiny_model_dir / UNET_WEIGHTS)
+    _assert_state_equals_file(components.vae, tiny_model_dir / VAE_WEIGHTS)
+    for module in (components.unet, components.vae, components.text_encoder.model):
+        assert not module.training
+        assert not any(p.requires_grad or p.is_meta for p in module.parameters())
+
+
+@pytest.mark.parametrize("problem, edit, expected", [
+    ("missing", lambda s: s.pop("conv_in.weight"), "missing keys: conv_in.weight"),
+    ("unexpected", lambda s: s.update({"conv_in.extra": torch.zeros(2)}), "unexpected keys: conv_in.extra"),
+    ("mis-shaped", lambda s: s.update({"conv_out.bias": torch.zeros(5)}),
+     "shape mismatches: conv_out.bias (file [5], model [4])"),
+])
+def test_weight_mismatch_names_file_and_key(model_copy, problem, edit, expected):
+    _edit_weights(model_copy / UNET_WEIGHTS, edit)
+    with pytest.raises(ModelLoadError) as error:
+        load_components(str(model_copy), device="cpu")
+    assert str(model_copy / UNET_WEIGHTS) in str(error.value)
+    assert expected in str(error.value)
+
+
+def test_text_encoder_mismatch_names_file_and_key(model_copy):
+    path = model_copy / "text_encoder" / "model.safetensors"
+    _edit_weights(path, lambda s: s.pop("text_model.final_layer_norm.bias"))
+    with pytest.raises(ModelLoadError, match="missing keys: (text_model.)?final_layer_norm.bias") as error:
+        load_components(str(model_copy), device="cpu")
+    assert str(path) in str(error.value)
+
+
+def test_legacy_vae_attention_names_load(model_copy, tiny_model_dir):
+    legacy = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+
+    def rename(state):
+        for name in [n for n in state if ".attentions." in n]:
+            for new, old in legacy.items():
+                if f".{new}." in name:
+                    state[name.replace(f".{new}.", f".{old}.")] = state.pop(name)
+
+    _edit_weights(model_copy / VAE_WEIGHTS, rename)
+    assert any(".query." in name for name in load_file(model_copy / VAE_WEIGHTS))
+    vae = load_components(str(model_copy), device="cpu").vae
+    _assert_state_equals_file(vae, tiny_model_dir / VAE_WEIGHTS)
+
+
+@pytest.mark.parametrize("component, suffix", [("unet", ".bin"), ("vae", ".ckpt"), ("text_encoder", ".pt")])
+def test_pickle_checkpoints_are_refused_unread(model_copy, tmp_path, component, suffix):
+    marker = tmp_path / "pickle-was-executed"
+    # Protocol-0 pickle for open(marker, "w"): unpickling it would create the marker file.
+    payload = f"cbuiltins\nopen\n(S'{marker}'\nS'w'\ntR.".encode()
+    for weights in (model_copy / component).glob("*.safetensors"):
+        weights.unlink()
+    (model_copy / component / f"weights{suffix}").write_bytes(payload)
+    with pytest.raises(ModelLoadError, match="pickle.*arbitrary code.*safetensors") as error:
+        load_components(str(model_copy), device="cpu")
+    assert f"weights{suffix}" in str(error.value)
+    assert not marker.exists()
+
+
+def _write_fp16_variant(folder, relative, offset):
+    """A variant file whose values differ from the full file's, to tell which one was loaded."""
+    state = {name: (t + offset).half() for name, t in load_file(folder / relative).items()}
+    variant = folder / relative.replace(".safetensors", ".fp16.safetensors")
+    save_file(state, variant, metadata={"format": "pt"})
+    return variant
+
+
+def test_fp16_variant_preferred_for_float16_with_full_file_fallback(model_copy):
+    variant = _write_fp16_variant(model_copy, UNET_WEIGHTS, offset=1.0)
+    half = load_components(str(model_copy), device="cpu", dtype=torch.float16)
+    assert half.unet.conv_in.weight.dtype == torch.float16
+    _assert_state_equals_file(half.unet, variant, torch.float16)
+    _assert_state_equals_file(half.vae, model_copy / VAE_WEIGHTS, torch.float16)  # no variant: full file
+    full = load_components(str(model_copy), device="cpu", dtype=torch.float32)
+    _assert_state_equals_file(full.unet, model_copy / UNET_WEIGHTS)
+
+
+def test_text_encoder_fp16_variant(model_copy):
+    _write_fp16_variant(model_copy, "text_encoder/model.safetensors", offset=1.0)
+    half = load_components(str(model_copy), device="cpu", dtype="fp16").text_encoder
+    full = load_components(str(model_copy), device="cpu", dtype="float32").text_encoder
+    assert half.dtype == torch.float16
+    assert torch.equal(_final_norm_bias(half), _final_norm_bias(full).half() + 1)
+
+
+def _final_norm_bias(encoder):
+    # transformers 5's CLIPTextModel has no text_model level; transformers 4's has.
+    return next(p for name, p in encoder.model.named_parameters() if name.endswith("final_layer_norm.bias"))
+
+
+@pytest.fixture
+def hub_cache(tiny_model_dir, tmp_path):
+    """A Hugging Face cache holding org/tiny at COMMIT, with refs/main pointing there."""
+    repo = tmp_path / "hub" / "models--org--tiny"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    return tmp_path / "hub"
+
+
+def test_hub_id_loads_from_cache_offline(hub_cache):
+    snapshot = hub_cache / "models--org--tiny" / "snapshots" / COMMIT
+    for revision in (None, "main", COMMIT):
+        loaded = load_components("org/tiny", device="cpu", revision=revision, cache_dir=hub_cache,
+                                 local_files_only=True)
+        assert loaded.path == snapshot
+    _assert_state_equals_file(loaded.unet, snapshot / UNET_WEIGHTS)
+
+
+OFFLINE_SCRIPT = """
+import sys
+from worker.model.loader import ModelLoadError, resolve_model_folder
+print(resolve_model_folder("org/tiny", cache_dir=sys.argv[1], variant="fp16"))
+try:
+    resolve_model_folder("org/unknown", cache_dir=sys.argv[1])
+except ModelLoadError as error:
+    print(error)
+"""
+
+
+def test_hf_hub_offline_env_is_honoured(hub_cache):
+    # huggingface_hub reads HF_HUB_OFFLINE when imported, hence a fresh interpreter.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-c", OFFLINE_SCRIPT, str(hub_cache)], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    found, missing = run.stdout.strip().split("\n", 1)
+    assert found == str(hub_cache / "models--org--tiny" / "snapshots" / COMMIT)
+    assert "model 'org/unknown'" in missing and "HF_HUB_OFFLINE" in missing
+
+
+def test_unknown_hub_id_offline_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="model 'org/no-such-model' .*not a local folder.*Hugging Face Hub"):
+        resolve_model_folder("org/no-such-model", cache_dir=tmp_path, local_files_only=True)
+    with pytest.raises(ModelLoadError, match="neither a local folder nor a valid Hub id"):
+        resolve_model_folder("not a valid id!", cache_dir=tmp_path, local_files_only=True)
+
+
+def test_missing_local_folder_and_files_are_named(model_copy, tmp_path):
+    with pytest.raises(ModelLoadError, match="model folder .*nowhere does not exist"):
+        resolve_model_folder(str(tmp_path / "nowhere"))
+    (model_copy / "scheduler" / "scheduler_config.json").unlink()
+    with pytest.raises(ModelLoadError, match="missing file .*scheduler_config.json"):
+        load_components(str(model_copy), device="cpu")
+    (model_copy / "vae" / "config.json").unlink()
+    with pytest.raises(ModelLoadError, match="missing file .*vae/config.json"):
+        load_components(str(model_copy), device="cpu")
+    (model_copy / UNET_WEIGHTS).unlink()
+    with pytest.raises(ModelLoadError, match=f"missing weights file .*{UNET_WEIGHTS}"):
+        load_components(str(model_copy), device="cpu")
+
+
+def test_unsupported_config_names_file(model_copy):
+    config_path = model_copy / "unet" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["attention_type"] = "gated"
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="unet/config.json.*attention_type"):
+        load_components(str(model_copy), device="cpu")
+
+
+def test_dtype_names_and_bad_values():
+    cpu = torch.device("cpu")
+    assert resolve_dtype(None, cpu) == torch.float32
+    assert resolve_dtype(None, torch.device("cuda")) == torch.float16
+    assert resolve_dtype("bf16", cpu) == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        resolve_dtype("int8", cpu)
+    with pytest.raises(ValueError, match="device must be"):
+        load_components("org/x", device="gpu0")
+
+
+def test_text_encoder_matches_diffusers_encode_prompt(components, tiny_model_dir):
+    diffusers = pytest.importorskip("diffusers")
+    pipe = diffusers.StableDiffusionInpaintPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
+    prompts = ["a photo of a cat", "", LONG_PROMPT]
+    negatives = ["blurry", "ugly hands!", ""]
+    theirs, their_negatives = pipe.encode_prompt(prompts, "cpu", 1, True, negatives)
+    encoder = components.text_encoder
+    assert torch.equal(encoder.encode(prompts), theirs)
+    assert torch.equal(encoder.encode(negatives), their_negatives)
+    assert encoder.encode(prompts).shape == (3, 77, 32)
+
+
+def test_count_tokens_and_vocabulary(components):
+    encoder = components.text_encoder
+    assert encoder.max_length == 77
+    assert encoder.count_tokens("a photo of a cat") == 7  # start + 5 words + end
+    assert encoder.count_tokens(LONG_PROMPT) > encoder.max_length
+    assert all(encoder.count_tokens(word) == 3 for word in WORDS)
+    assert encoder.count_tokens("zqx") > 3  # unknown words still tokenize, byte by byte
+    with pytest.raises(TypeError, match="prompts must be a list of str"):
+        encoder.encode("a cat")
+
+
+def test_tiny_model_loads_in_diffusers(tiny_model_dir, components):
+    diffusers = pytest.importorskip("diffusers")
+    pipe = diffusers.StableDiffusionInpaintPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
+    assert isinstance(pipe.scheduler, diffusers.PNDMScheduler)
+    assert pipe.vae_scale_factor == components.vae.scale_factor == 2
+    for theirs, ours in ((pipe.unet, components.unet), (pipe.vae, components.vae),
+                         (pipe.text_encoder, components.text_encoder.model)):
+        their_state, our_state = theirs.state_dict(), ours.state_dict()
+        assert their_state.keys() == our_state.keys()
+        assert all(torch.equal(their_state[name], our_state[name]) for name in our_state)
+
+
+def test_tiny_writer_is_deterministic_and_has_a_cli(tmp_path, tiny_model_dir):
+    tiny_main([str(tmp_path / "again"), "--seed", "0"])
+    for relative in (UNET_WEIGHTS, VAE_WEIGHTS, "text_encoder/model.safetensors", "tokenizer/vocab.json"):
+        assert (tmp_path / "again" / relative).read_bytes() == (tiny_model_dir / relative).read_bytes(), relative
+    other = write_tiny_model(tmp_path / "plain", in_channels=4, seed=1)
+    plain = load_components(str(other), device="cpu")
+    assert plain.unet.config.in_channels == 4
+    assert not torch.equal(load_file(other / VAE_WEIGHTS)["encoder.conv_in.weight"],
+                           load_file(tiny_model_dir / VAE_WEIGHTS)["encoder.conv_in.weight"])
+    index = json.loads((other / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionInpaintPipeline" and index["requires_safety_checker"] is False
+    with pytest.raises(ValueError, match="in_channels must be 9"):
+        write_tiny_model(tmp_path / "bad", in_channels=3)
+
+
+def test_text_encoder_from_folder_directly(tiny_model_dir):
+    encoder = TextEncoder.from_folder(tiny_model_dir, "cpu", torch.float32)
+    assert encoder.hidden_size == 32 and encoder.device == torch.device("cpu")

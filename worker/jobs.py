@@ -1,0 +1,253 @@
+"""What the `inpaint.run` task does, as plain functions: validate -> fetch inputs -> paint -> upload -> report.
+
+`run_job(raw_job, runtime, worker, may_retry)` is the whole job; its collaborators (state store, storage, the
+pipeline) come in through `Runtime`, so tests hand in their own.
+"""
+import io
+import logging
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import redis
+from celery.exceptions import SoftTimeLimitExceeded
+from PIL import Image, UnidentifiedImageError
+
+from api_client import schema
+from worker.denoise import InpaintCancelled
+from worker.events import CLAIMED, JobStore, ProgressReporter
+from worker.model.loader import ModelLoadError
+from worker.settings import Settings
+from worker.storage import Storage
+
+__all__ = ["Runtime", "Outcome", "PipelineHolder", "run_job", "validate_job", "decode_image", "load_inputs",
+           "job_seed", "paint", "encode_image", "upload_outputs", "retry_delay_s", "load_pipeline",
+           "SUCCEEDED", "FAILED", "CANCELED", "SKIPPED", "REJECTED", "RETRY"]
+
+log = logging.getLogger("inpaint.jobs")
+
+SUCCEEDED, FAILED, CANCELED = schema.SUCCEEDED, schema.FAILED, schema.CANCELED
+SKIPPED = "skipped"      # already final, or running under another live attempt
+REJECTED = "rejected"    # no usable job_id: nothing can be recorded
+RETRY = "retry"          # a transient error; the caller schedules another attempt
+
+INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
+SAVE_OPTIONS = {"png": {"format": "PNG"}, "jpeg": {"format": "JPEG", "quality": 95},
+                "webp": {"format": "WEBP", "quality": 95}}
+# A lease outlasts the hard time limit by this much, so a live run is never taken for a dead one.
+LEASE_MARGIN_S = 30
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str
+    error: schema.JobError | None = None
+    attempt: int = 0
+
+    def summary(self) -> dict:
+        """A JSON-able summary (the Celery task's return value)."""
+        return {"status": self.status, "attempt": self.attempt,
+                "error": self.error.to_dict() if self.error else None}
+
+
+def load_pipeline(settings: Settings):
+    """The model, as the settings describe it. Imported here: only a process that runs jobs needs the model code."""
+    from worker.pipeline import InpaintPipeline
+
+    return InpaintPipeline.from_pretrained(
+        settings.model, device=settings.device or None, dtype=settings.dtype or None,
+        revision=settings.model_revision or None, cache_dir=settings.model_cache_dir or None,
+        local_files_only=settings.local_files_only, cuda_graphs=settings.cuda_graphs,
+        max_graphs=settings.max_cuda_graphs)
+
+
+class PipelineHolder:
+    """Loads the pipeline once per process, on first use; a failed load is retried by the next job."""
+
+    def __init__(self, load: Callable[[], object]):
+        self._load, self._pipeline, self._lock = load, None, threading.Lock()
+
+    def get(self):
+        with self._lock:
+            if self._pipeline is None:
+                started = time.monotonic()
+                try:
+                    self._pipeline = self._load()
+                except ModelLoadError as error:
+                    raise schema.JobError(schema.MODEL_UNAVAILABLE, str(error)) from None
+                log.info("model loaded", extra={"load_s": round(time.monotonic() - started, 3)})
+            return self._pipeline
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    store: JobStore
+    storage: Storage
+    pipeline: Callable[[], object]   # returns the (cached) pipeline; raises JobError(model_unavailable)
+
+
+def validate_job(raw, settings: Settings, storage: Storage) -> schema.Job:
+    """The job, checked against the schema, the limits and the bucket allowlist, before any GPU work."""
+    job = schema.Job.from_dict(raw)
+    settings.limits.check_job(job)
+    storage.check_bucket("image", job.image_location[0])
+    storage.check_bucket("mask", job.mask_location[0])
+    storage.check_bucket("output.bucket", job.output.bucket)
+    return job
+
+
+def decode_image(name: str, data: bytes, max_pixels: int) -> Image.Image:
+    """A PNG, JPEG or WEBP image; anything else is invalid_input, a decompression bomb is limit_exceeded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data), formats=INPUT_FORMATS)
+            if image.width * image.height > max_pixels:
+                raise schema.JobError(schema.LIMIT_EXCEEDED, f"{name}: {image.width}x{image.height} is over the "
+                                                             f"limit of {max_pixels} pixels")
+            image.load()
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+            raise schema.JobError(schema.LIMIT_EXCEEDED, f"{name}: {error}") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+            if isinstance(error, schema.JobError):
+                raise
+            raise schema.JobError(schema.INVALID_INPUT, f"{name}: not a readable "
+                                                        f"{', '.join(INPUT_FORMATS)} image ({error})") from None
+    return image
+
+
+def load_inputs(job: schema.Job, storage: Storage, max_pixels: int) -> tuple[Image.Image, Image.Image]:
+    """The job's image (RGB) and mask (L, white = repaint); the two must have the same size."""
+    image = decode_image("image", storage.read("image", *job.image_location), max_pixels).convert("RGB")
+    mask = decode_image("mask", storage.read("mask", *job.mask_location), max_pixels).convert("L")
+    if mask.size != image.size:
+        raise schema.JobError(schema.INVALID_INPUT, f"mask: size {mask.width}x{mask.height} differs from the "
+                                                    f"image's {image.width}x{image.height}")
+    return image, mask
+
+
+def job_seed(job: schema.Job) -> int:
+    """The job's seed, or one derived from its (random) job_id: a retried job paints the same pixels again."""
+    if job.seed is not None:
+        return job.seed
+    return int(job.job_id[:16], 16) % (schema.MAX_SEED - job.num_images + 1)
+
+
+def paint(pipeline, job: schema.Job, image: Image.Image, mask: Image.Image, seed: int, callback) -> list:
+    try:
+        return pipeline(job.prompt, image, mask, negative_prompt=job.negative_prompt,
+                        num_inference_steps=job.num_inference_steps, guidance_scale=job.guidance_scale,
+                        strength=job.strength, scheduler=job.scheduler, seed=seed,
+                        num_images_per_prompt=job.num_images, height=job.height, width=job.width,
+                        mask_blur=job.mask_blur, padding_mask_crop=job.padding_mask_crop,
+                        keep_unmasked=job.keep_unmasked, callback=callback)
+    except ValueError as error:  # the pipeline's own argument checks (size multiples, strength x steps, ...)
+        raise schema.JobError(schema.INVALID_INPUT, str(error)) from None
+
+
+def encode_image(image: Image.Image, output_format: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, **SAVE_OPTIONS[output_format])
+    return buffer.getvalue()
+
+
+def upload_outputs(job: schema.Job, images: list, seed: int, storage: Storage) -> list[dict]:
+    """Store image i at <prefix><i>.<format>; the result's image entries."""
+    entries = []
+    for index, image in enumerate(images):
+        key = job.output.key(index)
+        stored = storage.write_once(job.output.bucket, key, encode_image(image, job.output.format),
+                                    schema.CONTENT_TYPES[job.output.format],
+                                    {"job-id": job.job_id, "seed": seed + index})
+        entries.append({"uri": f"s3://{job.output.bucket}/{key}",
+                        "url": storage.presigned_url(job.output.bucket, key), "seed": seed + index,
+                        "width": image.width, "height": image.height, "sha256": stored.sha256})
+    return entries
+
+
+def retry_delay_s(settings: Settings, retries_so_far: int) -> float:
+    return min(settings.retry_backoff_s * 2 ** retries_so_far, settings.retry_backoff_max_s)
+
+
+def _execute(job: schema.Job, runtime: Runtime, reporter: ProgressReporter) -> dict:
+    """Fetch, paint, upload; the result dict. Raises JobError, InpaintCancelled."""
+    timings, started = {}, time.monotonic()
+    image, mask = load_inputs(job, runtime.storage, runtime.settings.max_pixels)
+    runtime.settings.limits.check_size(job.width or image.width, job.height or image.height)
+    timings["fetch_s"] = time.monotonic() - started
+    pipeline = runtime.pipeline()
+    timings["model_s"] = time.monotonic() - started - timings["fetch_s"]
+    seed = job_seed(job)
+    images = paint(pipeline, job, image, mask, seed, reporter)
+    timings["inference_s"] = time.monotonic() - started - timings["fetch_s"] - timings["model_s"]
+    entries = upload_outputs(job, images, seed, runtime.storage)
+    timings["upload_s"] = time.monotonic() - started - sum(timings.values())
+    timings["total_s"] = time.monotonic() - started
+    return {"images": entries, "timings": {name: round(value, 4) for name, value in timings.items()}}
+
+
+def run_job(raw_job, runtime: Runtime, worker: str, may_retry: bool) -> Outcome:
+    """Run one delivery of a job to its end; every ending is written to the job's state and events."""
+    job_id = raw_job.get("job_id") if isinstance(raw_job, dict) else None
+    if not schema.is_job_id(job_id):
+        error = schema.JobError(schema.INVALID_INPUT, "job_id: missing or not a uuid4 hex; nothing recorded")
+        log.error("job refused", extra={"job_id": str(job_id)[:64], "code": error.code})
+        return Outcome(REJECTED, error)
+    lease_s = runtime.settings.time_limit_s + LEASE_MARGIN_S
+    claim = runtime.store.claim(job_id, worker, lease_s, raw_job)
+    if claim.outcome != CLAIMED:
+        log.info("job not run again", extra={"job_id": job_id, "reason": claim.outcome, "state": claim.state})
+        return Outcome(SKIPPED, attempt=claim.attempt)
+    log.info("job started", extra={"job_id": job_id, "attempt": claim.attempt, "worker": worker})
+    deadline = time.monotonic() + runtime.settings.soft_time_limit_s
+    reporter = ProgressReporter(runtime.store, job_id, claim.attempt, runtime.settings.progress_interval_s,
+                                deadline=deadline)
+    return _finish(job_id, claim.attempt, runtime, may_retry, lambda: _attempt(raw_job, runtime, reporter))
+
+
+def _attempt(raw_job, runtime: Runtime, reporter: ProgressReporter) -> dict:
+    job = validate_job(raw_job, runtime.settings, runtime.storage)
+    if runtime.store.cancel_requested(job.job_id):
+        raise InpaintCancelled("canceled before it started")
+    return _execute(job, runtime, reporter)
+
+
+def _finish(job_id: str, attempt: int, runtime: Runtime, may_retry: bool, work: Callable[[], dict]) -> Outcome:
+    store, fields = runtime.store, {"job_id": job_id, "attempt": attempt}
+    try:
+        result = work()
+    except InpaintCancelled:
+        error = _stop_error(store, job_id)
+    except SoftTimeLimitExceeded:
+        error = schema.JobError(schema.TIMEOUT, f"the job ran past {runtime.settings.soft_time_limit_s}s "
+                                                "(INPAINT_SOFT_TIME_LIMIT_S)")
+    except schema.JobError as job_error:
+        error = job_error
+    except redis.RedisError as redis_error:
+        # The state store itself failed: record what can be recorded, let the caller retry the delivery.
+        log.warning("state store error", extra={**fields, "error": str(redis_error)})
+        error = schema.JobError(schema.STORAGE_UNAVAILABLE, f"state store: {redis_error}")
+    except Exception:
+        log.exception("job failed unexpectedly", extra=fields)
+        error = schema.JobError(schema.INTERNAL, "unexpected worker error; see the worker's log")
+    else:
+        store.finish(job_id, SUCCEEDED, attempt, result=result)
+        log.info("job succeeded", extra={**fields, "timings": result["timings"]})
+        return Outcome(SUCCEEDED, attempt=attempt)
+    if error.transient and may_retry:
+        store.release(job_id, attempt, error.to_dict())
+        log.warning("job will be retried", extra={**fields, "code": error.code, "error": error.message})
+        return Outcome(RETRY, error, attempt)
+    state = CANCELED if error.code == schema.CANCELED_ERROR else FAILED
+    store.finish(job_id, state, attempt, error=error.to_dict())
+    log.info(f"job {state}", extra={**fields, "code": error.code, "error": error.message})
+    return Outcome(state, error, attempt)
+
+
+def _stop_error(store: JobStore, job_id: str) -> schema.JobError:
+    if store.cancel_requested(job_id):
+        return schema.JobError(schema.CANCELED_ERROR, "canceled by request")
+    return schema.JobError(schema.TIMEOUT, "the job ran past its time limit (INPAINT_SOFT_TIME_LIMIT_S)")

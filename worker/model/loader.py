@@ -1,0 +1,282 @@
+"""Find a model (a local folder or a Hugging Face Hub id) and load its UNet, VAE and text encoder.
+
+Safetensors only: unpickling a .bin/.ckpt/.pt file can execute arbitrary code, so those files are refused unread.
+Every module is built on the meta device and takes its tensors straight from the file on the target device after a
+check of every key and shape, so weights are never held twice and a mismatch is an error naming the file and the
+keys instead of silently random weights.
+"""
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, IncompleteSnapshotError, LocalEntryNotFoundError
+from safetensors import SafetensorError, safe_open
+
+from worker.model.text import TextEncoder
+from worker.model.unet import UNet2DConditionModel, UNetConfig
+from worker.model.vae import AutoencoderKL, VAEConfig
+
+log = logging.getLogger(__name__)
+
+WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
+# All a pipeline needs besides weights; pickle weights, ONNX, Flax and sample images stay on the Hub.
+HUB_METADATA_PATTERNS = ["model_index.json", "*/config.json", "scheduler/*.json", "tokenizer/*"]
+# Checkpoints saved before diffusers 0.14 name the VAE attention projections as its retired AttentionBlock did;
+# diffusers renames them on load, and so do we (only where the new name is a key the model expects).
+LEGACY_ATTENTION_KEY = re.compile(r"^(?P<block>.+)\.(?P<name>query|key|value|proj_attn)\.(?P<kind>weight|bias)$")
+LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
+TEXT_MODEL_PREFIX = "text_model."
+LISTED_KEYS = 8  # how many offending keys an error message lists
+
+
+class ModelLoadError(Exception):
+    """The model cannot be found or loaded; the service reports it with error code model_unavailable."""
+    code = "model_unavailable"
+
+
+@dataclass
+class ModelComponents:
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: TextEncoder
+    scheduler_config: dict  # scheduler/scheduler_config.json
+    path: Path              # the resolved local folder
+    device: torch.device
+    dtype: torch.dtype
+
+
+def load_components(model: str, device=None, dtype=None, revision: str | None = None, cache_dir=None,
+                    local_files_only: bool = False) -> ModelComponents:
+    """Load a diffusers-layout SD model. device: cuda if available else cpu; dtype: float16 on cuda, else float32.
+
+    With float16 the repo's fp16 variant files are used where present (half the download and no cast).
+    """
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    variant = "fp16" if dtype == torch.float16 else None
+    start = time.perf_counter()
+    folder = resolve_model_folder(model, revision=revision, cache_dir=cache_dir,
+                                  local_files_only=local_files_only, variant=variant)
+    components = ModelComponents(
+        unet=load_module(folder / "unet", UNetConfig, UNet2DConditionModel, device, dtype, variant),
+        vae=load_module(folder / "vae", VAEConfig, AutoencoderKL, device, dtype, variant),
+        text_encoder=load_text_encoder(folder, device, dtype, variant),
+        scheduler_config=read_json(folder / "scheduler" / "scheduler_config.json"),
+        path=folder, device=device, dtype=dtype)
+    log.info("model_loaded model=%s folder=%s device=%s dtype=%s seconds=%.2f", model, folder, device,
+             str(dtype).removeprefix("torch."), time.perf_counter() - start)
+    return components
+
+
+def resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device must be a torch device or a name like 'cuda', 'cuda:1', 'cpu'; got {device!r}") \
+            from error
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.lower().removeprefix("torch.")]
+    raise ValueError(f"dtype must be one of float16, bfloat16, float32 (or a torch dtype of those); got {dtype!r}")
+
+
+def resolve_model_folder(model: str, revision: str | None = None, cache_dir=None, local_files_only: bool = False,
+                         variant: str | None = None) -> Path:
+    """A local folder as is; a Hub id as its snapshot folder in the Hub cache, downloading only the files needed.
+
+    With `variant` ("fp16") the variant weights are fetched, and the full ones only for components lacking them.
+    local_files_only and HF_HUB_OFFLINE=1 use the cache alone.
+    """
+    if not isinstance(model, (str, Path)) or not str(model).strip():
+        raise ModelLoadError(f"model must be a Hub id like 'org/name' or a local folder; got {model!r}")
+    model = str(model)
+    local = Path(model).expanduser()
+    if local.is_dir():
+        return local.resolve()
+    if local.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise ModelLoadError(f"model folder {model} does not exist or is not a folder")
+    hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    components = list(WEIGHT_NAMES)
+    if variant is None:
+        return _snapshot(model, HUB_METADATA_PATTERNS + _weight_patterns(components, None), **hub)
+    try:
+        folder = _snapshot(model, HUB_METADATA_PATTERNS + _weight_patterns(components, variant), **hub)
+    except ModelLoadError as error:
+        if not isinstance(error.__cause__, IncompleteSnapshotError):
+            raise
+        # Offline, and the cache holds this revision without the variant files: use the full ones.
+        return _snapshot(model, HUB_METADATA_PATTERNS + _weight_patterns(components, None), **hub)
+    lacking = [c for c in components if not (folder / c / f"{WEIGHT_NAMES[c]}.{variant}.safetensors").is_file()]
+    if lacking:
+        folder = _snapshot(model, HUB_METADATA_PATTERNS + _weight_patterns(lacking, None), **hub)
+    return folder
+
+
+def _weight_patterns(components: list[str], variant: str | None) -> list[str]:
+    suffix = f".{variant}.safetensors" if variant else ".safetensors"
+    return [f"{c}/{WEIGHT_NAMES[c]}{suffix}" for c in components]
+
+
+def _snapshot(model: str, patterns: list[str], revision, cache_dir, local_files_only) -> Path:
+    try:
+        return Path(snapshot_download(model, revision=revision, cache_dir=cache_dir,
+                                      local_files_only=local_files_only, allow_patterns=patterns))
+    except HFValidationError as error:
+        raise ModelLoadError(f"model {model!r} is neither a local folder nor a valid Hub id: {error}") from error
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as error:
+        where = f"revision {revision!r}" if revision else "the default revision"
+        raise ModelLoadError(f"model {model!r} ({where}) is not a local folder and could not be fetched from the "
+                             f"Hugging Face Hub cache or network: {type(error).__name__}: {error}") from error
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ModelLoadError(f"missing file {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelLoadError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def weights_file(component: Path, name: str, variant: str | None) -> Path:
+    """`name`.`variant`.safetensors if asked for and present, else `name`.safetensors; pickle files are refused."""
+    candidates = ([component / f"{name}.{variant}.safetensors"] if variant else []) + \
+        [component / f"{name}.safetensors"]
+    for path in candidates:
+        if path.is_file():
+            return path
+    pickles = sorted(p.name for p in component.glob("*") if p.suffix in PICKLE_SUFFIXES) \
+        if component.is_dir() else []
+    if pickles:
+        raise ModelLoadError(
+            f"{component}: only pickle checkpoints found ({', '.join(pickles)}); refused because unpickling can "
+            f"execute arbitrary code. Convert them to {name}.safetensors (safetensors format).")
+    raise ModelLoadError(f"missing weights file {candidates[-1]}")
+
+
+def check_state_shapes(path: Path, expected: dict[str, tuple], found: dict[str, tuple],
+                       tolerated: set[str] = frozenset()) -> None:
+    """Raise if the file's keys and shapes differ from the model's; `tolerated` extra keys are allowed."""
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(found.keys() - expected.keys() - tolerated)
+    mismatched = [f"{key} (file {list(found[key])}, model {list(expected[key])})"
+                  for key in sorted(expected.keys() & found.keys()) if tuple(found[key]) != tuple(expected[key])]
+    problems = [f"{label}: {_listed(keys)}" for label, keys in
+                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
+                if keys]
+    if problems:
+        raise ModelLoadError(f"{path}: weights do not match the model config; " + "; ".join(problems))
+
+
+def _listed(keys: list[str]) -> str:
+    more = f" ... and {len(keys) - LISTED_KEYS} more" if len(keys) > LISTED_KEYS else ""
+    return ", ".join(keys[:LISTED_KEYS]) + more
+
+
+def _modern_key(key: str, expected: dict) -> str:
+    match = LEGACY_ATTENTION_KEY.match(key)
+    if match is None or key in expected:
+        return key
+    renamed = f"{match['block']}.{LEGACY_ATTENTION_NAMES[match['name']]}.{match['kind']}"
+    return renamed if renamed in expected else key
+
+
+def _text_model_key(key: str, known: set[str]) -> str:
+    """The model's name for a checkpoint key. Hub checkpoints say "text_model.encoder..."; transformers 5's
+    CLIPTextModel dropped that level (and strips it on load), transformers 4's has it."""
+    for candidate in (key, key.removeprefix(TEXT_MODEL_PREFIX), TEXT_MODEL_PREFIX + key):
+        if candidate in known:
+            return candidate
+    return key
+
+
+def _safetensors_device(device: torch.device) -> str:
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(device)
+
+
+def read_checked_state(path: Path, module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> dict:
+    """The file's tensors for `module` (built on meta), read straight to `device`, floats cast to `dtype`.
+
+    Keys and shapes are checked from the file header before any tensor is read.
+    """
+    meta_state = module.state_dict()
+    expected = {name: tuple(tensor.shape) for name, tensor in meta_state.items()}
+    # Older checkpoints also saved non-persistent buffers; the module rebuilds those itself.
+    tolerated = {name for name, _ in module.named_buffers()} - expected.keys()
+    try:
+        with safe_open(path, framework="pt", device=_safetensors_device(device)) as file:
+            keys = {_modern_key(key, expected): key for key in file.keys()}
+            check_state_shapes(path, expected, {new: tuple(file.get_slice(old).get_shape())
+                                                for new, old in keys.items()}, tolerated)
+            state = {}
+            for new, old in keys.items():
+                if new in expected:
+                    tensor = file.get_tensor(old)
+                    state[new] = tensor.to(dtype) if meta_state[new].is_floating_point() else tensor
+            return state
+    except SafetensorError as error:
+        raise ModelLoadError(f"{path} is not a readable safetensors file: {error}") from error
+
+
+def load_module(component: Path, config_cls, module_cls, device: torch.device, dtype: torch.dtype,
+                variant: str | None) -> torch.nn.Module:
+    """Build `module_cls(config_cls.from_dict(config.json))` on meta and assign the checked weights to it."""
+    config_path = component / "config.json"
+    config_data = read_json(config_path)
+    try:
+        config = config_cls.from_dict(config_data)
+    except (TypeError, ValueError, KeyError) as error:
+        raise ModelLoadError(f"{config_path}: unsupported {module_cls.__name__} config: {error}") from error
+    weights = weights_file(component, WEIGHT_NAMES[component.name], variant)
+    with torch.device("meta"):
+        module = module_cls(config)
+    module.load_state_dict(read_checked_state(weights, module, device, dtype), strict=True, assign=True)
+    still_meta = [name for name, tensor in [*module.named_parameters(), *module.named_buffers()] if tensor.is_meta]
+    if still_meta:
+        raise ModelLoadError(f"{module_cls.__name__} has tensors neither in {weights} nor built at construction: "
+                             f"{_listed(still_meta)}")
+    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def load_text_encoder(folder: Path, device: torch.device, dtype: torch.dtype, variant: str | None) -> TextEncoder:
+    component = folder / "text_encoder"
+    read_json(component / "config.json")
+    if not any((folder / "tokenizer" / name).is_file() for name in ("vocab.json", "tokenizer.json")):
+        raise ModelLoadError(f"missing tokenizer files in {folder / 'tokenizer'} (vocab.json + merges.txt, "
+                             "or tokenizer.json)")
+    weights = weights_file(component, WEIGHT_NAMES["text_encoder"], variant)
+    expected, tolerated = TextEncoder.expected_shapes(component)
+    try:
+        with safe_open(weights, framework="pt", device="cpu") as file:
+            found = {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}
+    except SafetensorError as error:
+        raise ModelLoadError(f"{weights} is not a readable safetensors file: {error}") from error
+    known = expected.keys() | tolerated
+    check_state_shapes(weights, expected, {_text_model_key(key, known): shape for key, shape in found.items()},
+                       tolerated)
+    file_variant = variant if variant and weights.name == f"model.{variant}.safetensors" else None
+    try:
+        return TextEncoder.from_folder(folder, device, dtype, variant=file_variant)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"cannot load the text encoder from {folder}: {error}") from error

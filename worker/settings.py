@@ -1,0 +1,170 @@
+"""Every worker setting, read once from environment variables into one frozen object (DESIGN §6).
+
+`Settings.from_env()` reads and checks them (a bad value raises ValueError naming the variable);
+`Settings.describe()` lists each variable with its default and meaning (the README's table);
+`settings.redacted()` is a printable dict without credentials.
+"""
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from urllib.parse import urlparse
+
+from api_client import schema
+
+__all__ = ["Settings", "redact_url"]
+
+GRAPH_MODES = ("auto", "on", "off")
+KERNEL_MODES = ("auto", "triton", "torch")
+DTYPE_NAMES = ("", "float16", "fp16", "bfloat16", "bf16", "float32", "fp32")
+MAX_PRESIGN_EXPIRY_S = 7 * 24 * 3600  # S3's ceiling for SigV4 presigned URLs
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password masked."""
+    parsed = urlparse(url)
+    if not parsed.password:
+        return url
+    return parsed._replace(netloc=parsed.netloc.replace(f":{parsed.password}@", ":***@", 1)).geturl()
+
+
+def _setting(variable: str, default, meaning: str, low=None, high=None, choices=None):
+    return field(default=default, metadata={"variable": variable, "meaning": meaning, "low": low, "high": high,
+                                            "choices": choices})
+
+
+@dataclass(frozen=True)
+class Settings:
+    broker_url: str = _setting("INPAINT_BROKER_URL", "redis://localhost:6379/0",
+                               "Celery broker (Redis); also holds job state and events unless INPAINT_STATE_URL")
+    state_url: str = _setting("INPAINT_STATE_URL", "", "Redis for job state hashes and event streams "
+                                                       "(empty = the broker's)")
+    queue: str = _setting("INPAINT_QUEUE", "inpaint", "queue the workers consume")
+    model: str = _setting("INPAINT_MODEL", "stable-diffusion-v1-5/stable-diffusion-inpainting",
+                          "hub id or local folder (diffusers layout, safetensors only)")
+    model_revision: str = _setting("INPAINT_MODEL_REVISION", "", "hub revision (empty = main)")
+    model_cache_dir: str = _setting("INPAINT_MODEL_CACHE_DIR", "", "hub cache folder (empty = huggingface_hub's)")
+    local_files_only: bool = _setting("INPAINT_LOCAL_FILES_ONLY", False, "never download the model, use the cache")
+    device: str = _setting("INPAINT_DEVICE", "", "torch device (empty = cuda if available, else cpu)")
+    dtype: str = _setting("INPAINT_DTYPE", "", "float16, bfloat16 or float32 (empty = float16 on cuda, else "
+                                               "float32)", choices=DTYPE_NAMES)
+    cuda_graphs: str = _setting("INPAINT_CUDA_GRAPHS", "auto", "denoise loop as CUDA-graph replay: auto, on or off",
+                                choices=GRAPH_MODES)
+    max_cuda_graphs: int = _setting("INPAINT_MAX_CUDA_GRAPHS", 8, "captured graphs kept (one per job shape)",
+                                    low=1)
+    kernels: str = _setting("INPAINT_KERNELS", "auto", "attention/GroupNorm kernels: auto (Triton on CUDA), "
+                                                       "triton or torch", choices=KERNEL_MODES)
+    s3_endpoint_url: str = _setting("INPAINT_S3_ENDPOINT_URL", "", "S3 endpoint (empty = AWS; MinIO, R2, ...)")
+    bucket: str = _setting("INPAINT_BUCKET", "", "default bucket for inputs and outputs")
+    allowed_buckets: str = _setting("INPAINT_ALLOWED_BUCKETS", "", "comma-separated buckets jobs may read and "
+                                                                   "write (empty = INPAINT_BUCKET only)")
+    presign_expiry_s: int = _setting("INPAINT_PRESIGN_EXPIRY_S", 3600, "lifetime of the result's presigned URLs",
+                                     low=1, high=MAX_PRESIGN_EXPIRY_S)
+    max_input_bytes: int = _setting("INPAINT_MAX_INPUT_BYTES", 20 * 1024 * 1024, "largest image or mask file read",
+                                    low=1)
+    max_pixels: int = _setting("INPAINT_MAX_PIXELS", schema.Limits.max_pixels, "largest output (and input) "
+                                                                              "width x height", low=64)
+    max_steps: int = _setting("INPAINT_MAX_STEPS", schema.Limits.max_steps, "most num_inference_steps", low=1)
+    max_images: int = _setting("INPAINT_MAX_IMAGES", schema.Limits.max_images, "most num_images per job", low=1)
+    max_prompt_chars: int = _setting("INPAINT_MAX_PROMPT_CHARS", schema.Limits.max_prompt_chars,
+                                     "longest prompt and negative prompt", low=1)
+    soft_time_limit_s: int = _setting("INPAINT_SOFT_TIME_LIMIT_S", 600, "a job running longer fails with timeout",
+                                      low=1)
+    time_limit_s: int = _setting("INPAINT_TIME_LIMIT_S", 660, "hard limit: the job's process is killed "
+                                                              "(must exceed the soft limit)", low=2)
+    max_retries: int = _setting("INPAINT_MAX_RETRIES", 3, "retries of a transient failure (storage, model hub)",
+                                low=0)
+    retry_backoff_s: float = _setting("INPAINT_RETRY_BACKOFF_S", 2.0, "first retry delay, doubled each retry",
+                                      low=0.0)
+    retry_backoff_max_s: float = _setting("INPAINT_RETRY_BACKOFF_MAX_S", 60.0, "longest retry delay", low=0.0)
+    state_ttl_s: int = _setting("INPAINT_STATE_TTL_S", schema.STATE_TTL_SECONDS, "lifetime of a job's state hash "
+                                                                                "and event stream", low=60)
+    events_maxlen: int = _setting("INPAINT_EVENTS_MAXLEN", schema.EVENTS_STREAM_MAXLEN, "approximate cap of the "
+                                                                                       "shared events stream", low=1)
+    progress_interval_s: float = _setting("INPAINT_PROGRESS_INTERVAL_S", 0.5, "least time between two progress "
+                                                                              "events of a job", low=0.0)
+    log_level: str = _setting("INPAINT_LOG_LEVEL", "INFO", "worker log level",
+                              choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    def __post_init__(self):
+        for item in fields(self):
+            _check(item, getattr(self, item.name))
+        if self.time_limit_s <= self.soft_time_limit_s:
+            raise ValueError(f"INPAINT_TIME_LIMIT_S={self.time_limit_s}: must exceed INPAINT_SOFT_TIME_LIMIT_S="
+                             f"{self.soft_time_limit_s}, so the job can report its timeout before it is killed")
+
+    @classmethod
+    def from_env(cls, environ=None) -> "Settings":
+        env = os.environ if environ is None else environ
+        values = {}
+        for item in fields(cls):
+            raw = env.get(item.metadata["variable"])
+            if raw is not None and raw.strip() != "":
+                values[item.name] = _parse(item, raw.strip())
+        return cls(**values)
+
+    @classmethod
+    def describe(cls) -> str:
+        """One Markdown table row per variable: name, default, meaning; then boto3's own variables."""
+        rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+        for item in fields(cls):
+            default = item.default if item.default != "" else "(empty)"
+            rows.append(f"| `{item.metadata['variable']}` | `{default}` | {item.metadata['meaning']} |")
+        for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+            rows.append(f"| `{variable}` | (boto3's) | S3 credentials and region, read by boto3 itself |")
+        return "\n".join(rows)
+
+    def redacted(self) -> dict:
+        values = asdict(self)
+        values["broker_url"], values["state_url"] = redact_url(self.broker_url), redact_url(self.state_url)
+        return values
+
+    def __repr__(self) -> str:
+        return f"Settings({self.redacted()})"
+
+    @property
+    def state_redis_url(self) -> str:
+        return self.state_url or self.broker_url
+
+    @property
+    def bucket_allowlist(self) -> frozenset:
+        listed = {name.strip() for name in self.allowed_buckets.split(",") if name.strip()}
+        return frozenset(listed or ({self.bucket} if self.bucket else set()))
+
+    @property
+    def limits(self) -> schema.Limits:
+        return schema.Limits(max_pixels=self.max_pixels, max_steps=self.max_steps, max_images=self.max_images,
+                             max_prompt_chars=self.max_prompt_chars)
+
+    @property
+    def visibility_timeout_s(self) -> int:
+        # A Redis message unacknowledged this long is delivered again: it must outlast the longest run (the hard
+        # limit) plus the longest retry countdown, or a healthy job would run twice.
+        return int(self.time_limit_s + self.retry_backoff_max_s + 60)
+
+
+def _parse(item, raw: str):
+    variable, kind = item.metadata["variable"], type(item.default)
+    if kind is bool:
+        lowered = raw.lower()
+        if lowered not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise ValueError(f"{variable}={raw!r}: expected true/false (1/0, yes/no, on/off)")
+        return lowered in ("1", "true", "yes", "on")
+    if kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            raise ValueError(f"{variable}={raw!r}: expected {'an integer' if kind is int else 'a number'}") from None
+    return raw
+
+
+def _check(item, value) -> None:
+    meta, variable = item.metadata, item.metadata["variable"]
+    if meta["choices"] is not None:
+        normalized = value.upper() if item.name == "log_level" else value.lower()
+        if normalized not in meta["choices"]:
+            raise ValueError(f"{variable}={value!r}: expected one of {', '.join(c for c in meta['choices'] if c)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{variable}={value!r}: expected a finite number")
+    low, high = meta["low"], meta["high"]
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{variable}={value}: outside [{low}, {'inf' if high is None else high}]")

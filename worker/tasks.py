@@ -1,0 +1,71 @@
+"""The `inpaint.run` task, thin: the work is worker.jobs.run_job; this wires it to Celery's retries and signals.
+
+The runtime (Redis state store, S3 client, model holder) is built once per worker process, on first use; the
+model itself loads at `worker_process_init` (the solo pool sends it too), after any fork.
+"""
+import logging
+import time
+
+import redis
+from celery import signals
+
+from api_client import schema
+from worker import jobs
+from worker.app import app, settings
+from worker.events import JobStore
+from worker.storage import Storage
+
+__all__ = ["run", "runtime"]
+
+log = logging.getLogger("inpaint.tasks")
+_runtime: jobs.Runtime | None = None
+
+
+def runtime() -> jobs.Runtime:
+    global _runtime
+    if _runtime is None:
+        holder = jobs.PipelineHolder(lambda: jobs.load_pipeline(settings))
+        _runtime = jobs.Runtime(settings=settings, store=JobStore.from_settings(settings),
+                                storage=Storage.from_settings(settings), pipeline=holder.get)
+    return _runtime
+
+
+@app.task(name=schema.TASK_NAME, bind=True)
+def run(self, job: dict) -> dict:
+    retries = self.request.retries
+    delay = jobs.retry_delay_s(settings, retries)
+    try:
+        outcome = jobs.run_job(job, runtime(), worker=self.request.hostname, may_retry=retries < settings.max_retries)
+    except redis.RedisError as error:  # the state store is down: nothing could be recorded, try the delivery again
+        raise self.retry(exc=error, countdown=delay, max_retries=settings.max_retries)
+    if outcome.status == jobs.RETRY:
+        raise self.retry(countdown=delay, max_retries=settings.max_retries)
+    return outcome.summary()
+
+
+@signals.worker_process_init.connect
+def _load_model(**kwargs) -> None:
+    """Load the model when the process starts, so the first job does not wait for it; a failure is only logged
+    (each job tries again and fails with model_unavailable)."""
+    log.info("worker settings", extra={"settings": settings.redacted()})
+    started = time.monotonic()
+    try:
+        runtime().pipeline()
+    except schema.JobError as error:
+        log.error("model not loaded", extra={"code": error.code, "error": error.message})
+        return
+    log.info("worker ready", extra={"model": settings.model, "load_s": round(time.monotonic() - started, 3)})
+
+
+@signals.task_revoked.connect
+def _record_revoked(request=None, expired=False, **kwargs) -> None:
+    """A job revoked before it ran never reaches run_job: record its ending here."""
+    job_id = getattr(request, "id", None)
+    if not schema.is_job_id(job_id):
+        return
+    if expired:
+        error = schema.JobError(schema.TIMEOUT, "the job expired in the queue")
+        runtime().store.finish(job_id, schema.FAILED, error=error.to_dict())
+    else:
+        error = schema.JobError(schema.CANCELED_ERROR, "canceled before it ran")
+        runtime().store.finish(job_id, schema.CANCELED, error=error.to_dict())
