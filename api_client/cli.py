@@ -17,6 +17,8 @@ from api_client import schema
 from api_client.client import EnqueueError, InpaintClient
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE = 0, 1, 2
+# The CLI's own error code for a Redis it cannot reach (the job codes of DESIGN §5 describe jobs, not clients).
+QUEUE_UNAVAILABLE = "queue_unavailable"
 BAR_WIDTH = 30
 
 # Job options shared by `submit` and `run`: (flag, job field, type, help). Unset options are left out, so the
@@ -49,16 +51,16 @@ def main(argv=None) -> int:
         _fail(args, error.code, error.message)
         return EXIT_USAGE
     except (UsageError, ValueError) as error:
-        _fail(args, "invalid_input", str(error))
+        _fail(args, schema.INVALID_INPUT, str(error))
         return EXIT_USAGE
     except TimeoutError as error:
-        _fail(args, "timeout", str(error))
+        _fail(args, schema.TIMEOUT, str(error))
         return EXIT_JOB_FAILED
     except (RedisError, EnqueueError) as error:
-        _fail(args, "queue_unavailable", str(error))
+        _fail(args, QUEUE_UNAVAILABLE, str(error))
         return EXIT_JOB_FAILED
     except (BotoCoreError, ClientError) as error:
-        _fail(args, "storage_unavailable", str(error))
+        _fail(args, schema.STORAGE_UNAVAILABLE, str(error))
         return EXIT_JOB_FAILED
     except KeyboardInterrupt:
         return 130
@@ -74,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inputs(submit)
     _add_job_options(submit)
     submit.add_argument("--format", dest="output_format", choices=schema.OUTPUT_FORMATS, help="output format")
-    submit.add_argument("--priority", type=int, help="queue priority")
+    submit.add_argument("--priority", type=int, help="0-9, lower is served first (default 5)")
     submit.add_argument("--job-id", help="the job's id (default: a new one); resubmitting an id does not re-run")
     submit.add_argument("--wait", action="store_true", help="wait for the job to finish")
     submit.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
@@ -134,14 +136,14 @@ def _submit(args) -> int:
         _follow(args, client, job_id, args.timeout)
         status = client.status(job_id)
         files = client.download(job_id, args.out) if args.out and status.state == schema.SUCCEEDED else []
-    _print(args, {**_status_dict(status), "files": [str(f) for f in files]}, _status_text(status, files))
+    _print(args, {**asdict(status), "files": [str(f) for f in files]}, _status_text(status, files))
     return _exit_code(status)
 
 
 def _status(args) -> int:
     with InpaintClient.from_env() as client:
         status = client.status(args.job_id)
-    _print(args, _status_dict(status), _status_text(status, []))
+    _print(args, asdict(status), _status_text(status, []))
     return _exit_code(status)
 
 
@@ -149,7 +151,7 @@ def _watch(args) -> int:
     with InpaintClient.from_env() as client:
         _follow(args, client, args.job_id, None)
         status = client.status(args.job_id)
-    _print(args, _status_dict(status), _status_text(status, []))
+    _print(args, asdict(status), _status_text(status, []))
     return _exit_code(status)
 
 
@@ -164,7 +166,7 @@ def _fetch(args) -> int:
     with InpaintClient.from_env() as client:
         status = client.status(args.job_id)
         if status.state != schema.SUCCEEDED:
-            _print(args, _status_dict(status), _status_text(status, []))
+            _print(args, asdict(status), _status_text(status, []))
             return _exit_code(status) if status.state in schema.FINAL_STATES else EXIT_USAGE
         files = client.download(args.job_id, args.out)
     _print(args, {"job_id": args.job_id, "files": [str(f) for f in files]}, "\n".join(map(str, files)))
@@ -216,10 +218,6 @@ class ProgressDisplay:
         if self.live and self.last is not None:
             self.stream.write("\n")
             self.stream.flush()
-
-
-def _status_dict(status) -> dict:
-    return asdict(status)
 
 
 def _status_text(status, files) -> str:

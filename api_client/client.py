@@ -146,7 +146,7 @@ class _ClientCore:
             uris[name] = f"s3://{bucket}/{uploads[-1].key}"
         job = schema.Job.from_dict({
             "job_id": job_id, "image": uris["image"], "mask": uris["mask"], "prompt": prompt, **options,
-            "output": {"bucket": bucket, "prefix": f"jobs/{job_id}/", "format": output_format}})
+            "output": {"bucket": bucket, "format": output_format}})  # the schema's prefix: jobs/<job_id>/
         return _Submission(job=job.to_dict(), uploads=uploads)
 
     def _require_bucket(self) -> str:

@@ -8,13 +8,14 @@ Public names:
   `STORAGE_UNAVAILABLE`, `MODEL_UNAVAILABLE`, `CANCELED_ERROR`, `TIMEOUT`, `INTERNAL`; `ERROR_CODES`,
   `TRANSIENT_ERRORS` (retried), the rest permanent.
 - States `QUEUED`, `RUNNING`, `SUCCEEDED`, `FAILED`, `CANCELED`, `EXPIRED` (the hash is gone); `STATES`,
-  `FINAL_STATES`, `STATE_ORDER` (a state may only move to a higher rank).
+  `FINAL_STATES`. A state only moves forward: queued -> running -> one final state.
 - `JobStatus` (dataclass) with `JobStatus.from_hash(job_id, mapping)`.
 - Redis names: `job_key(id)`, `job_events_key(id)`, `cancel_key(id)`, `EVENTS_STREAM`; `TASK_NAME`;
   defaults `STATE_TTL_SECONDS`, `EVENTS_STREAM_MAXLEN`.
 - Events: `EVENT_STATE`, `EVENT_PROGRESS`, `event_fields(...)` (the flat stream fields), `parse_event(fields)`;
   `queued_state_fields(job_dict)` (the hash a submit creates).
-- `SCHEDULERS`, `OUTPUT_FORMATS`, `CONTENT_TYPES`, `parse_s3_uri(name, uri) -> (bucket, key)`, `is_job_id(s)`.
+- `SCHEDULERS`, `OUTPUT_FORMATS`, `CONTENT_TYPES`, `parse_s3_uri(name, uri) -> (bucket, key)`, `is_job_id(s)`;
+  bounds `MAX_SEED` (image i uses seed + i, at most MAX_SEED), `MAX_PRIORITY`, `SIZE_MULTIPLE`.
 """
 import json
 import math
@@ -36,7 +37,6 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED, EXPIRED = (
     "queued", "running", "succeeded", "failed", "canceled", "expired")
 STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED)
 FINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELED})
-STATE_ORDER = {QUEUED: 0, RUNNING: 1, SUCCEEDED: 2, FAILED: 2, CANCELED: 2}
 
 EVENT_STATE, EVENT_PROGRESS = "state", "progress"
 
@@ -225,7 +225,7 @@ class Job:
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise _invalid(f"scheduler: {self.scheduler!r} is not null or one of {', '.join(SCHEDULERS)}")
         _check_int("num_images", self.num_images, 1)
-        _check_int("seed", self.seed, 0, MAX_SEED - self.num_images + 1, nullable=True)
+        _check_int("seed", self.seed, 0, MAX_SEED - self.num_images, nullable=True)
         for name in ("width", "height"):
             size = _check_int(name, getattr(self, name), SIZE_MULTIPLE, nullable=True)
             if size is not None and size % SIZE_MULTIPLE:

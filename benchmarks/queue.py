@@ -32,7 +32,7 @@ BUCKET = "inpaint-bench"
 SIZE = 64
 WORKER_ENV = {"INPAINT_DEVICE": "cpu", "INPAINT_KERNELS": "torch", "INPAINT_CUDA_GRAPHS": "off",
               "INPAINT_LOG_LEVEL": "WARNING"}
-JOB_OPTIONS = {"num_inference_steps": 2, "scheduler": "ddim", "guidance_scale": 1.0, "seed": 0}
+JOB_OPTIONS = {"num_inference_steps": 1, "scheduler": "ddim", "guidance_scale": 1.0, "seed": 0}
 TARGET_P50_MS, TARGET_P95_MS = 25.0, 60.0
 
 
@@ -106,7 +106,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=40, help="jobs per measurement")
+    parser.add_argument("--jobs", type=int, default=20, help="jobs per measurement")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to measure")
     args = parser.parse_args(argv)
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="inpaint-bench-") as scratch:

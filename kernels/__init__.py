@@ -12,8 +12,10 @@ Attention with a head dim above 256 (the VAE's single 512-wide head) always take
 (`F.scaled_dot_product_attention`'s own fused kernels): the Triton kernel's tiles stop at 256.
 
 Under torch.compile the kernels are reached through the custom ops `torch.ops.inpaint.attention` and
-`torch.ops.inpaint.group_norm`, which the compiler treats as single opaque ops; eager calls and CUDA-graph
-capture launch them directly, skipping the op dispatcher's overhead.
+`torch.ops.inpaint.group_norm`, which the compiler treats as single opaque ops, and the mode is read once, when
+the function is traced; eager calls and CUDA-graph capture launch the kernels directly, skipping the op
+dispatcher's overhead. The first call for each new shape autotunes (timing runs, host syncs): make it before
+CUDA-graph capture.
 """
 import contextlib
 import functools
@@ -38,6 +40,7 @@ def _parse_mode(raw: str) -> str:
     return mode
 
 
+@torch.compiler.assume_constant_result  # torch.compile bakes the mode in at trace time, without tracing this
 def kernel_mode() -> str:
     return _parse_mode(os.environ.get("INPAINT_KERNELS", "auto"))
 

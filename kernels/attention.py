@@ -32,17 +32,21 @@ MAX_HEAD_DIM = 256
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 if triton is not None:
-    # (BLOCK_M, BLOCK_N, num_warps, num_stages). Hopper: 128x64 tiles with 8 warps for the long SD sequences;
-    # 16/32-row tiles so that short sequences (64 tokens x 16 heads) still give the 132 SMs enough programs.
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages) for Hopper: 64/128-row tiles run on wgmma (a warpgroup per 64
+    # rows) for the long SD sequences; 16/32-row tiles give short sequences (64 tokens x 16 heads) enough
+    # programs to fill 132 SMs. The pruning below drops, per head dim, the tiles that overflow.
     _HOPPER_TILES = [
-        (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4),
-        (64, 128, 4, 2), (64, 64, 4, 3), (64, 32, 4, 4),
-        (32, 64, 4, 2), (32, 32, 2, 3), (16, 64, 2, 2), (16, 32, 1, 2),
+        (128, 128, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4),
+        (64, 128, 4, 2), (64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 4), (64, 32, 8, 3),
+        (32, 64, 4, 2), (32, 32, 2, 3), (16, 64, 2, 2), (16, 32, 4, 2), (16, 32, 1, 2),
     ]
     # The interpreter runs programs one by one on the CPU: one mid-size tile, nothing to tune.
-    _INTERPRETER_TILES = [(32, 32, 4, 1)]
-    _SHARED_MEMORY_BUDGET = 200 * 1024  # H100/H200 give a block up to 227 KB; leave room for layout conversions
-    _ACCUMULATOR_REGISTER_BUDGET = 128  # float32 accumulator registers per thread before spills take over
+    _INTERPRETER_TILES = [(64, 64, 4, 1)]
+    _SHARED_MEMORY_LIMIT = 227 * 1024  # per block on H100/H200
+    # Float32 accumulator + scores per thread above which ptxas (sm_90) spilled. Half-precision tiles of 64+
+    # rows run on wgmma; smaller ones on mma and float32 ones on FMA, which also keep the q, k and v operands in
+    # registers, hence the lower bound.
+    _REGISTER_ESTIMATE_LIMIT = {"wgmma": 192, "registers": 64}
 
     def _interpreting():
         return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
@@ -52,34 +56,41 @@ if triton is not None:
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
 
     def _prune_attention_configs(configs, named_args, **kwargs):
-        """Drop tiles far larger than the sequences or too big for shared memory / registers."""
+        """Drop tiles far larger than the sequences, or too big for shared memory or registers."""
         args = {**named_args, **kwargs}
         element_size, block_d = args["Q"].element_size(), args["BLOCK_D"]
         max_m = max(triton.next_power_of_2(args["N_Q"]), min(c.kwargs["BLOCK_M"] for c in configs))
         max_n = max(triton.next_power_of_2(args["N_KV"]), min(c.kwargs["BLOCK_N"] for c in configs))
 
         def fits(config):
-            block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+            block_m, block_n, warps = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps
             shared = (block_m + 2 * block_n * max(config.num_stages, 1)) * block_d * element_size
-            registers = block_m * block_d // (32 * config.num_warps)
-            return (block_m <= max_m and block_n <= max_n and shared <= _SHARED_MEMORY_BUDGET
-                    and registers <= _ACCUMULATOR_REGISTER_BUDGET)
+            registers = (block_m * block_d + 1.5 * block_m * block_n) / (32 * warps)
+            path = "wgmma" if block_m >= 64 and warps % 4 == 0 and element_size < 4 else "registers"
+            return (block_m <= max_m and block_n <= max_n and shared <= _SHARED_MEMORY_LIMIT
+                    and registers <= _REGISTER_ESTIMATE_LIMIT[path])
 
         kept = [config for config in configs if fits(config)]
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
     @triton.jit
+    def _tile_offsets(rows, dims, stride_row, stride_dim, ALIGN: tl.constexpr):
+        """Element offsets of a (rows x dims) tile. Every row starts on an ALIGN-element boundary (the launcher
+        checked): without the hint a row stride such as 40 (head dim 40) would force 2-byte loads."""
+        return tl.multiple_of(rows[:, None] * stride_row, [ALIGN, ALIGN]) + dims[None, :] * stride_dim
+
+    @triton.jit
     def _attend_to_key_block(q, acc, row_max, row_sum, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                              key_start, N_KV, qk_scale, dims,
                              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr,
-                             DOT_PRECISION: tl.constexpr):
+                             DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr):
         """One online-softmax step: fold keys [key_start, key_start + BLOCK_N) into the running state."""
         keys = key_start + tl.arange(0, BLOCK_N)
         load_mask = dims[None, :] < HEAD_DIM
         if MASK_KEYS:  # only the last, partial block pays for the key bound
             load_mask = load_mask & (keys[:, None] < N_KV)
-        k = tl.load(k_base + keys[:, None] * stride_kn + dims[None, :] * stride_kd, mask=load_mask, other=0.0)
-        v = tl.load(v_base + keys[:, None] * stride_vn + dims[None, :] * stride_vd, mask=load_mask, other=0.0)
+        k = tl.load(k_base + _tile_offsets(keys, dims, stride_kn, stride_kd, ALIGN), mask=load_mask, other=0.0)
+        v = tl.load(v_base + _tile_offsets(keys, dims, stride_vn, stride_vd, ALIGN), mask=load_mask, other=0.0)
 
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASK_KEYS:
@@ -89,7 +100,7 @@ if triton is not None:
         rescale = tl.exp2(row_max - new_max)  # 0 on the first block, where row_max is -inf
         p = tl.exp2(scores - new_max[:, None])
         row_sum = row_sum * rescale + tl.sum(p, 1)
-        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        acc = tl.dot(p.to(v.dtype), v, acc * rescale[:, None], input_precision=DOT_PRECISION)
         return acc, new_max, row_sum
 
     @triton.autotune(configs=_attention_configs(), key=["HEAD_DIM", "N_Q", "N_KV"],
@@ -102,21 +113,21 @@ if triton is not None:
                           stride_ob, stride_oh, stride_om, stride_od,
                           H, N_Q, N_KV,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                          ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # A flat grid, query blocks fastest: neighbouring programs share one head's K/V, which stays in L2.
         query_blocks = tl.cdiv(N_Q, BLOCK_M)
         program = tl.program_id(0)
         batch_head, query_block = program // query_blocks, program % query_blocks
         batch, head = (batch_head // H).to(tl.int64), (batch_head % H).to(tl.int64)
-        q_base = Q + batch * stride_qb + head * stride_qh
-        k_base = K + batch * stride_kb + head * stride_kh
-        v_base = V + batch * stride_vb + head * stride_vh
-        o_base = Out + batch * stride_ob + head * stride_oh
+        q_base = Q + tl.multiple_of(batch * stride_qb + head * stride_qh, ALIGN)
+        k_base = K + tl.multiple_of(batch * stride_kb + head * stride_kh, ALIGN)
+        v_base = V + tl.multiple_of(batch * stride_vb + head * stride_vh, ALIGN)
+        o_base = Out + tl.multiple_of(batch * stride_ob + head * stride_oh, ALIGN)
 
         rows = query_block * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, BLOCK_D)
         row_mask = (rows[:, None] < N_Q) & (dims[None, :] < HEAD_DIM)
-        q = tl.load(q_base + rows[:, None] * stride_qm + dims[None, :] * stride_qd, mask=row_mask, other=0.0)
+        q = tl.load(q_base + _tile_offsets(rows, dims, stride_qm, stride_qd, ALIGN), mask=row_mask, other=0.0)
 
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -125,14 +136,14 @@ if triton is not None:
         for key_start in range(0, full_blocks_end, BLOCK_N):
             acc, row_max, row_sum = _attend_to_key_block(
                 q, acc, row_max, row_sum, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                key_start, N_KV, qk_scale, dims, HEAD_DIM, BLOCK_N, False, DOT_PRECISION)
+                key_start, N_KV, qk_scale, dims, HEAD_DIM, BLOCK_N, False, DOT_PRECISION, ALIGN)
         if full_blocks_end < N_KV:
             acc, row_max, row_sum = _attend_to_key_block(
                 q, acc, row_max, row_sum, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                full_blocks_end, N_KV, qk_scale, dims, HEAD_DIM, BLOCK_N, True, DOT_PRECISION)
+                full_blocks_end, N_KV, qk_scale, dims, HEAD_DIM, BLOCK_N, True, DOT_PRECISION, ALIGN)
 
         out = acc / row_sum[:, None]
-        tl.store(o_base + rows[:, None] * stride_om + dims[None, :] * stride_od,
+        tl.store(o_base + _tile_offsets(rows, dims, stride_om, stride_od, ALIGN),
                  out.to(Out.dtype.element_ty), mask=row_mask)
 
     # triton.jit chose at import: the interpreter (TRITON_INTERPRET=1, CPU tensors) or compiled GPU code.
@@ -164,9 +175,18 @@ if triton is not None:
             q, k, v, out, scale * math.log2(math.e),
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             heads, n_q, n_kv,
-            HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), DOT_PRECISION=precision)
+            HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), DOT_PRECISION=precision,
+            ALIGN=_row_alignment((q, k, v, out)))
         launches += 1
         return out
+
+    def _row_alignment(tensors) -> int:
+        """Elements (up to one 16-byte vector) that every (batch, head, row) start of every tensor is aligned to."""
+        alignment = 16 // tensors[0].element_size()
+        starts = [t.data_ptr() // t.element_size() for t in tensors] + [s for t in tensors for s in t.stride()[:3]]
+        while alignment > 1 and any(start % alignment for start in starts):
+            alignment //= 2
+        return alignment
 
     def _check_attention_inputs(q, k, v, scale, out):
         for name, t in (("q", q), ("k", k), ("v", v)):

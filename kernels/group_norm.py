@@ -10,7 +10,8 @@ still spread over all SMs:
    partial (mean, M2, count), float32, merging tile statistics with Chan's parallel formula: no catastrophic
    cancellation as with a plain sum of squares.
 2. `_group_apply_kernel`: program (group, split) combines the group's partials (a few floats, same formula),
-   then normalises its slice: y = x * (w * rstd) + (b - mean * w * rstd), SiLU, store in x's dtype.
+   then normalises its slice: y = x * (w * rstd) + (b - mean * w * rstd), SiLU, store in x's dtype. It walks
+   the splits in reverse, so that its first reads find in L2 what the stats pass read last.
 
 The input is viewed as (N, C, S) with S the flattened spatial positions. Contiguous NCHW (channel stride S,
 position stride 1) and channels_last (channel stride 1, position stride C) are the same kernel with other
@@ -84,7 +85,8 @@ if triton is not None:
                             GROUPS, S, SPLITS, SPLIT_SIZE, eps, CHANNELS_PER_GROUP: tl.constexpr,
                             AFFINE: tl.constexpr, APPLY_SILU: tl.constexpr,
                             BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-        group_index, split = tl.program_id(0), tl.program_id(1)
+        # Splits in reverse: the stats pass read the last splits last, so the first ones here still hit L2.
+        group_index, split = tl.program_id(0), SPLITS - 1 - tl.program_id(1)
         sample, group = group_index // GROUPS, group_index % GROUPS
 
         # Combine the group's partial statistics (every program of the group does this; it is a few floats).

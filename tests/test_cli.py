@@ -178,7 +178,7 @@ def test_unreachable_redis_exits_1(inputs, capsys, monkeypatch):
     monkeypatch.setenv("INPAINT_BROKER_URL", f"redis://127.0.0.1:{devstack.free_port()}/0")
     code, out, _ = run_cli(capsys, "status", "0" * 32, "--json")
     assert code == 1
-    assert json.loads(out)["error"]["code"] == "queue_unavailable"
+    assert json.loads(out)["error"]["code"] == cli.QUEUE_UNAVAILABLE
 
 
 def test_progress_display_redraws_on_a_terminal_and_prints_lines_elsewhere():

@@ -1,5 +1,6 @@
 """worker.gpus: GPU selection against a fake device count, the per-GPU plan, and the supervisor with real children."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -33,7 +34,8 @@ CHILD = textwrap.dedent("""
     signal.signal(signal.SIGTERM, on_term)
     with open(out + ".json", "w") as f:
         json.dump({"argv": sys.argv[1:], "cuda": os.environ["CUDA_VISIBLE_DEVICES"],
-                   "metrics_port": os.environ.get("INPAINT_METRICS_PORT"), "gpus": os.environ["INPAINT_GPUS"]}, f)
+                   "metrics_port": os.environ.get("INPAINT_METRICS_PORT"), "gpus": os.environ["INPAINT_GPUS"],
+                   "process_group": os.getpgrp()}, f)
     if "EXIT_WITH" in os.environ:
         sys.exit(int(os.environ["EXIT_WITH"]))
     time.sleep(60)
@@ -151,13 +153,16 @@ def test_supervisor_forwards_sigterm_to_every_child(tmp_path):
         seen = json.loads((tmp_path / f"{i}.json").read_text())
         assert seen["cuda"] == str(i) and seen["metrics_port"] == str(9400 + i) and seen["gpus"] == ""
         assert seen["argv"][-4:] == ["--hostname", f"inpaint@%h-gpu{i}", "--concurrency", "1"]
+        # Not the terminal's group (which the supervisor shares): a Ctrl-C reaches the child once, forwarded.
+        assert seen["process_group"] != os.getpgrp()
 
 
 def test_supervisor_waits_for_all_and_reports_the_failure(tmp_path):
     specs = child_specs(tmp_path, 3, {0: {"EXIT_WITH": "0"}, 1: {"EXIT_WITH": "3"}, 2: {"EXIT_WITH": "0"}})
+    handler_before = signal.getsignal(signal.SIGTERM)
     assert run_processes(specs, poll_s=0.05) == 3
     assert all((tmp_path / f"{i}.json").exists() for i in range(3))
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) is handler_before
 
 
 def test_child_killed_by_a_signal_counts_as_128_plus_n(tmp_path):
@@ -168,3 +173,18 @@ def test_child_killed_by_a_signal_counts_as_128_plus_n(tmp_path):
 def test_no_processes_is_an_error():
     with pytest.raises(ValueError, match="no processes"):
         run_processes([])
+
+
+def test_supervise_runs_the_planned_processes_and_logs_json(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text("import os, sys; sys.exit(0 if os.environ['CUDA_VISIBLE_DEVICES'] == '' else 4)")
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import sys
+        from worker import gpus
+        sys.exit(gpus.supervise("none", [], metrics_port=9400, command=[sys.executable, {str(script)!r}]))
+    """)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    assert [r["message"] for r in records] == ["supervising worker processes", "worker process started",
+                                                "worker process exited"]
+    assert records[0]["processes"] == ["inpaint@%h-cpu"] and records[2]["returncode"] == 0

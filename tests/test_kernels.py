@@ -5,20 +5,21 @@ small. Accuracy rule: the kernel's error against a float64 reference is at most 
 makes in the same dtype, plus a tiny absolute floor. Outputs are poisoned with NaN before each launch, so a
 row or channel the kernel forgot to write fails the test.
 
-The interpreter multiplies bfloat16 tiles as raw 16-bit integers in `tl.dot`, so bfloat16 attention is only
-tested on a GPU; bfloat16 GroupNorm (no dot) is tested everywhere.
+bfloat16 is tested on a GPU only: Triton's interpreter multiplies bfloat16 tiles as raw 16-bit integers in
+`tl.dot` and truncates float32 -> bfloat16 instead of rounding to nearest.
 """
 import importlib
 import math
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported; tests/conftest.py does it too
-
 import pytest
 import torch
 
-import kernels
-from kernels import attention_ref, group_norm_ref
+if not torch.cuda.is_available():  # the interpreter, set before triton is imported (tests/conftest.py does too)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import kernels  # noqa: E402
+from kernels import attention_ref, group_norm_ref  # noqa: E402
 
 attention_module = importlib.import_module("kernels.attention")  # `kernels.attention` is the dispatch function
 group_norm_module = importlib.import_module("kernels.group_norm")
@@ -28,6 +29,7 @@ needs_triton = pytest.mark.skipif(not kernels.TRITON_AVAILABLE, reason="triton i
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 DEVICE = "cuda" if CUDA else "cpu"
 FLOAT32_FLOOR = 1e-6
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 
 
 def assert_within_twice_torch_error(actual, torch_result, exact, what):
@@ -50,8 +52,7 @@ def make_qkv(batch, heads, n_q, n_kv, head_dim, layout, dtype, device=DEVICE, se
         return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
 
     if layout == "contiguous":
-        return randn(batch, heads, n_q, head_dim), randn(batch, heads, n_kv, head_dim), randn(batch, heads, n_kv,
-                                                                                               head_dim)
+        return tuple(randn(batch, heads, n, head_dim) for n in (n_q, n_kv, n_kv))
     q = randn(batch, n_q, heads * head_dim).view(batch, n_q, heads, head_dim).transpose(1, 2)
     if layout == "projected":
         k, v = (randn(batch, n_kv, heads * head_dim).view(batch, n_kv, heads, head_dim).transpose(1, 2)
@@ -71,15 +72,15 @@ ATTENTION_CASES = [  # (B, H, Nq, Nk, D, layout, scale)
     (2, 2, 64, 77, 40, "projected", None),  # cross-attention over the 77 text tokens
     (1, 2, 33, 1, 80, "contiguous", None),  # a single key
     (1, 2, 1, 77, 40, "projected", None),  # a single query
-    (1, 1, 40, 129, 160, "projected", 0.3),  # key length one past a block; SD's widest head
-    (1, 2, 48, 48, 64, "fused_kv", None),  # self-attention, power-of-two head dim
+    (1, 1, 70, 129, 160, "projected", 0.3),  # lengths just past a block; SD's widest head
+    (1, 2, 128, 128, 64, "fused_kv", None),  # self-attention in whole blocks, power-of-two head dim
     (2, 1, 37, 37, 24, "contiguous", 0.5),  # odd head dim and length
     (1, 2, 21, 129, 72, "fused_kv", None),
 ]
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("batch,heads,n_q,n_kv,head_dim,layout,scale", ATTENTION_CASES)
 def test_attention_matches_float64(batch, heads, n_q, n_kv, head_dim, layout, scale, dtype):
     q, k, v = make_qkv(batch, heads, n_q, n_kv, head_dim, layout, dtype)
@@ -163,7 +164,7 @@ def group_norm_float64(x, groups, weight, bias, eps, activation):
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,groups,channels_last,activation,splits,affine", GROUP_NORM_CASES)
 def test_group_norm_matches_float64(shape, groups, channels_last, activation, splits, affine, dtype):
     x, weight, bias = make_group_norm_inputs(shape, channels_last, affine, dtype)
@@ -235,6 +236,10 @@ def test_group_norm_reference_rejects_unknown_activation():
 
 # ---------------------------------------------------------------------------------------------- dispatch
 
+def _attention_then_norm(q, k, v, x, groups, weight, bias):
+    return kernels.attention(q, k, v), kernels.group_norm(x, groups, weight, bias, 1e-5, "silu")
+
+
 @needs_triton
 def test_dispatch_triton_mode_launches_both_kernels():
     q, k, v = make_qkv(1, 2, 16, 77, 40, "projected", torch.float32)
@@ -300,6 +305,39 @@ def test_use_kernels_restores_the_previous_mode(monkeypatch):
     assert "INPAINT_KERNELS" not in os.environ
 
 
+def run_python(code, **environment):
+    """Run code in a fresh interpreter, from the repository root, with TRITON_INTERPRET unset."""
+    import subprocess
+    import sys
+
+    environment = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **environment}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=300)
+
+
+@needs_triton
+def test_triton_mode_on_cpu_without_the_interpreter_is_a_clear_error():
+    done = run_python("import torch, kernels\n"
+                      "q = torch.randn(1, 1, 4, 8)\n"
+                      "kernels.attention(q, q, q)", INPAINT_KERNELS="triton", CUDA_VISIBLE_DEVICES="")
+    assert done.returncode != 0 and "Triton needs CUDA tensors" in done.stderr and "TRITON_INTERPRET=1" in done.stderr
+
+
+def test_without_triton_installed_the_reference_runs():
+    done = run_python("import sys\n"
+                      "sys.modules['triton'] = None  # what `import triton` meets on a machine without it\n"
+                      "import torch, kernels\n"
+                      "q = torch.randn(1, 2, 4, 8)\n"
+                      "x = torch.randn(1, 4, 3, 3)\n"
+                      "assert not kernels.TRITON_AVAILABLE\n"
+                      "assert torch.equal(kernels.attention(q, q, q), kernels.attention_ref(q, q, q))\n"
+                      "y = kernels.group_norm(x, 2, None, None)\n"
+                      "assert torch.equal(y, kernels.group_norm_ref(x, 2, None, None))\n"
+                      "with kernels.use_kernels('triton'):\n"
+                      "    kernels.attention(q, q, q)\n")
+    assert done.returncode != 0 and "INPAINT_KERNELS=triton, but triton is not installed" in done.stderr, done.stderr
+
+
 @needs_triton
 def test_custom_ops_pass_torch_library_checks():
     # schema, fake (meta) kernel, autograd registration, and tracing by AOT dispatch
@@ -307,6 +345,104 @@ def test_custom_ops_pass_torch_library_checks():
     torch.library.opcheck(torch.ops.inpaint.attention.default, (q, k, v, None))
     x, weight, bias = make_group_norm_inputs((2, 8, 5, 5), True, True, torch.float32)
     torch.library.opcheck(torch.ops.inpaint.group_norm.default, (x, 4, weight, bias, 1e-5, "silu"))
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", ["triton", "torch"])
+def test_dispatch_traces_into_a_single_graph_under_torch_compile(mode):
+    q, k, v = make_qkv(1, 2, 16, 20, 40, "projected", torch.float32)
+    x, weight, bias = make_group_norm_inputs((2, 8, 5, 5), False, True, torch.float32)
+    launches = attention_module.launches
+    with kernels.use_kernels(mode):
+        torch._dynamo.reset()
+        compiled = torch.compile(_attention_then_norm, fullgraph=True, backend="eager")  # raises on a graph break
+        out, y = compiled(q, k, v, x, 4, weight, bias)
+    assert attention_module.launches == launches + (mode == "triton")
+    assert torch.allclose(out, attention_ref(q, k, v), atol=1e-5)
+    assert torch.allclose(y, group_norm_ref(x, 4, weight, bias, 1e-5, "silu"), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- Hopper code
+
+# Compiles the kernels for sm_90 (H100/H200) without a GPU, specialised as Triton's JIT would for SD-like
+# arguments: catches what the interpreter does not check (code generation, layouts, alignment hints).
+HOPPER_COMPILE = r"""
+import importlib, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+attention = importlib.import_module("kernels.attention")
+group_norm = importlib.import_module("kernels.group_norm")
+
+def compile_for_hopper(kernel, values, num_warps, num_stages=3):
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        value = values[name]
+        if isinstance(value, tuple):  # ("constexpr", v)
+            signature[name], constexprs[name] = "constexpr", value[1]
+        elif isinstance(value, str):  # a pointer, 16-byte aligned like torch's allocations
+            signature[name], attrs[(i,)] = value, [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif value == 1:  # the JIT turns 1 into a constant
+            signature[name], constexprs[name] = "constexpr", 1
+        else:
+            signature[name] = "i32"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    return compiled.asm["ptx"]
+
+def attention_ptx(dtype, heads, n, head_dim, tile):
+    block_m, block_n, warps, stages = tile
+    strides = (n * heads * head_dim, head_dim, heads * head_dim, 1)  # a (B, N, H*D) projection split into heads
+    names = [f"stride_{t}{a}" for t in "qkvo" for a in ("b", "h", "m" if t in "qo" else "n", "d")]
+    values = dict(zip(names, strides * 4), Q=dtype, K=dtype, V=dtype, Out=dtype, qk_scale=0.1, H=heads, N_Q=n,
+                  N_KV=n, HEAD_DIM=("constexpr", head_dim),
+                  BLOCK_D=("constexpr", max(16, triton.next_power_of_2(head_dim))),
+                  DOT_PRECISION=("constexpr", "ieee" if dtype == "*fp32" else "tf32"),
+                  ALIGN=("constexpr", 4 if dtype == "*fp32" else 8),
+                  BLOCK_M=("constexpr", block_m), BLOCK_N=("constexpr", block_n))
+    return compile_for_hopper(attention._attention_kernel.fn, values, warps, stages)
+
+def group_norm_ptx(kernel, channels, positions, channels_last):
+    per_group = channels // 32
+    block_c, block_s, split_size, splits = group_norm.split_plan(per_group, positions, 4)
+    strides = (channels * positions, 1, channels) if channels_last else (channels * positions, positions, 1)
+    values = dict(X="*fp16", Out="*fp16", Weight="*fp16", Bias="*fp16", Partials="*fp32", GROUPS=32, S=positions,
+                  SPLITS=splits, SPLIT_SIZE=split_size, eps=1e-5, CHANNELS_PER_GROUP=("constexpr", per_group),
+                  BLOCK_C=("constexpr", block_c), BLOCK_S=("constexpr", block_s),
+                  AFFINE=("constexpr", True), APPLY_SILU=("constexpr", True),
+                  BLOCK_SPLITS=("constexpr", triton.next_power_of_2(splits)),
+                  **dict(zip(("stride_xn", "stride_xc", "stride_xs"), strides)),
+                  **dict(zip(("stride_on", "stride_oc", "stride_os"), strides)))
+    return compile_for_hopper(kernel, values, 8)
+
+ptx = {
+    "attention fp16 D=40": attention_ptx("*fp16", 8, 4096, 40, (128, 64, 8, 3)),
+    "attention bf16 D=160": attention_ptx("*bf16", 8, 64, 160, (64, 32, 8, 3)),
+    "attention fp32 D=72 (exact float32 products, no tensor cores)": attention_ptx("*fp32", 8, 77, 72, (16, 32, 4, 2)),
+    "group norm stats NCHW": group_norm_ptx(group_norm._group_stats_kernel, 320, 4096, False),
+    "group norm apply channels_last": group_norm_ptx(group_norm._group_apply_kernel, 512, 4096, True),
+}
+json.dump(ptx, sys.stdout)
+"""
+
+
+@needs_triton
+@pytest.mark.skipif(importlib.util.find_spec("triton.backends.nvidia") is None, reason="no NVIDIA backend in triton")
+def test_kernels_compile_for_hopper():
+    import json
+
+    done = run_python(HOPPER_COMPILE)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ptx = json.loads(done.stdout)
+    assert "wgmma" in ptx["attention fp16 D=40"] and "wgmma" in ptx["attention bf16 D=160"]  # Hopper tensor cores
+    for name in ("attention fp16 D=40", "attention bf16 D=160", "group norm stats NCHW",
+                 "group norm apply channels_last"):
+        assert "ld.global.v4" in ptx[name], f"{name}: loads did not vectorise to 16 bytes"
 
 
 # ---------------------------------------------------------------------------------------------- GPU only
@@ -350,24 +486,20 @@ def test_group_norm_sd15_shapes_on_gpu(shape, groups, channels_last, dtype):
                                     f"group_norm {dtype} {shape} channels_last={channels_last}")
 
 
-def _attention_then_norm(q, k, v, x, weight, bias):
-    return kernels.attention(q, k, v), kernels.group_norm(x, 32, weight, bias, 1e-5, "silu")
-
-
 @needs_cuda
 @needs_triton
 def test_kernels_replay_inside_a_cuda_graph():
     q, k, v = make_qkv(2, 8, 1024, 77, 80, "projected", torch.float16, device="cuda")
     x, weight, bias = make_group_norm_inputs((2, 320, 32, 32), False, True, torch.float16, device="cuda")
     with kernels.use_kernels("triton"):
-        expected = _attention_then_norm(q, k, v, x, weight, bias)  # warm-up: autotunes and compiles
+        _attention_then_norm(q, k, v, x, 32, weight, bias)  # warm-up: autotunes and compiles outside capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            captured = _attention_then_norm(q, k, v, x, weight, bias)
-        for t in (q, k, v, x):
+            captured = _attention_then_norm(q, k, v, x, 32, weight, bias)
+        for t in (q, k, v, x):  # new inputs in the captured buffers
             t.mul_(0.5)
         graph.replay()
-        expected = _attention_then_norm(q, k, v, x, weight, bias)
+        expected = _attention_then_norm(q, k, v, x, 32, weight, bias)
     for got, want in zip(captured, expected):
         assert torch.equal(got, want)
 
@@ -379,5 +511,6 @@ def test_kernels_compile_as_single_ops_in_a_full_graph():
     x, weight, bias = make_group_norm_inputs((2, 320, 16, 16), True, True, torch.float16, device="cuda")
     with kernels.use_kernels("triton"):
         compiled = torch.compile(_attention_then_norm, fullgraph=True)
-        for got, want in zip(compiled(q, k, v, x, weight, bias), _attention_then_norm(q, k, v, x, weight, bias)):
-            assert torch.allclose(got, want, atol=2e-3, rtol=2e-3)
+        results = compiled(q, k, v, x, 32, weight, bias), _attention_then_norm(q, k, v, x, 32, weight, bias)
+    for got, want in zip(*results):
+        assert torch.allclose(got, want, atol=2e-3, rtol=2e-3)

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
 from safetensors.torch import load_file, save_file
 
 from worker.model.loader import ModelLoadError, load_components, resolve_dtype, resolve_model_folder
@@ -76,6 +77,14 @@ def test_text_encoder_mismatch_names_file_and_key(model_copy):
     with pytest.raises(ModelLoadError, match="missing keys: (text_model.)?final_layer_norm.bias") as error:
         load_components(str(model_copy), device="cpu")
     assert str(path) in str(error.value)
+
+
+def test_old_checkpoints_with_saved_position_ids_load(model_copy):
+    # Text encoders saved before transformers 4.31 (SD1.5's among them) hold this now non-persistent buffer.
+    path = model_copy / "text_encoder" / "model.safetensors"
+    _edit_weights(path, lambda s: s.update({"text_model.embeddings.position_ids": torch.arange(77)[None]}))
+    encoder = load_components(str(model_copy), device="cpu").text_encoder
+    assert encoder.encode(["a cat"]).shape == (1, 77, 32)
 
 
 def test_legacy_vae_attention_names_load(model_copy, tiny_model_dir):
@@ -155,6 +164,18 @@ def test_hub_id_loads_from_cache_offline(hub_cache):
                                  local_files_only=True)
         assert loaded.path == snapshot
     _assert_state_equals_file(loaded.unet, snapshot / UNET_WEIGHTS)
+
+
+def test_offline_cache_without_variant_files_falls_back_to_full_files(hub_cache):
+    """The Hub lists fp16 files the cache never fetched (say, the worker ran in float32 before)."""
+    repo = hub_cache / "models--org--tiny"
+    snapshot = repo / "snapshots" / COMMIT
+    listed = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
+    listed += ["unet/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors"]
+    write_tree_cache(str(repo), COMMIT, {path: TreeCacheEntry(size=1, blob_id="0" * 40) for path in listed})
+    loaded = load_components("org/tiny", device="cpu", dtype=torch.float16, cache_dir=hub_cache,
+                             local_files_only=True)
+    _assert_state_equals_file(loaded.unet, snapshot / UNET_WEIGHTS, torch.float16)
 
 
 OFFLINE_SCRIPT = """

@@ -132,3 +132,8 @@ def test_padding_mask_crop_matches_diffusers(pipelines):
 def test_model_default_scheduler_is_the_config_class(pipelines):
     ours, _ = pipelines
     assert ours[9].default_scheduler == "pndm"
+
+
+def test_odd_latent_sizes_match_diffusers(pipelines):
+    # 42x38 pixels -> 21x19 latents: the UNet upsamples to its skips' odd sizes, as diffusers does.
+    _compare(pipelines, 9, "ddim", size=(42, 38))

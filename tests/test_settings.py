@@ -52,6 +52,7 @@ def test_bucket_alone_is_the_allowlist():
     ({"INPAINT_DTYPE": "int8"}, "INPAINT_DTYPE"),
     ({"INPAINT_PRESIGN_EXPIRY_S": str(8 * 24 * 3600)}, "INPAINT_PRESIGN_EXPIRY_S"),
     ({"INPAINT_SOFT_TIME_LIMIT_S": "600", "INPAINT_TIME_LIMIT_S": "600"}, "INPAINT_TIME_LIMIT_S=600: must exceed"),
+    ({"INPAINT_MAX_RETRIES": "5", "INPAINT_MAX_ATTEMPTS": "5"}, "INPAINT_MAX_ATTEMPTS=5: must exceed"),
 ])
 def test_bad_value_names_the_variable(env, words):
     with pytest.raises(ValueError) as caught:

@@ -4,7 +4,7 @@ Public names:
 - `free_port() -> int`
 - `start_redis(port=None, appendonly=False, password=None, timeout=10.0) -> RedisServer` (.url, .port, .stop())
 - `start_s3(port=None, timeout=30.0) -> S3Server` (.endpoint_url, .port, .env (fake AWS credentials), .stop())
-- `create_bucket(endpoint_url, bucket) -> None`
+- `create_bucket(endpoint_url, bucket) -> None`; `FAKE_AWS`: the fake credentials and region moto accepts
 - `worker_env(broker_url, s3_endpoint_url, bucket, model, **extra) -> dict` (the INPAINT_* and AWS_* variables)
 - `start_worker(env, hostname=None, args=(), log_path=None) -> WorkerProcess` (a Popen with .hostname, .log_path,
   .log_text(), .stop()); `wait_worker_ready(broker_url, worker, timeout=60.0)`
@@ -26,7 +26,7 @@ import urllib.request
 from pathlib import Path
 
 __all__ = ["free_port", "start_redis", "start_s3", "create_bucket", "worker_env", "start_worker",
-           "wait_worker_ready", "RedisServer", "S3Server", "WorkerProcess"]
+           "wait_worker_ready", "RedisServer", "S3Server", "WorkerProcess", "FAKE_AWS"]
 
 LOCALHOST = "127.0.0.1"
 # moto accepts any credentials; these only keep boto3 from searching the machine for real ones.

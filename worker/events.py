@@ -38,23 +38,32 @@ local state = redis.call('HGET', KEYS[1], 'state')
 local final = state == 'succeeded' or state == 'failed' or state == 'canceled'
 """
 
-# ARGV[5..8]: worker, lease_until, the job's JSON, total steps. Returns {outcome, state, attempt}. A worker runs
-# one job at a time, so a job still leased to the claiming worker belongs to an attempt of its that has ended
-# (a retry after a lost state-store connection, a redelivery after its process died): it is taken over.
+# ARGV[5..9]: worker, lease_until, the job's JSON ('' = keep what is there), the most attempts (0 = no limit), the
+# error JSON written when that many attempts have started already. Returns {outcome, state, attempt, created_at}.
+# A worker runs one job at a time, so a job still leased to the claiming worker belongs to an attempt of its that
+# has ended (a retry after a lost state-store connection, a redelivery after its process died): it is taken over.
+# The attempt limit stops a job that kills its worker (out of memory, hard time limit) from looping forever.
 _CLAIM = _PRELUDE + """
 local attempt = tonumber(field('attempt', '0'))
-if final then return {'final', state, attempt} end
+if final then return {'final', state, attempt, field('created_at', '')} end
 local leased = tonumber(field('lease_until', '0')) > tonumber(now)
 if state == 'running' and leased and field('worker', '') ~= ARGV[5] then
-  return {'busy', state, attempt}
+  return {'busy', state, attempt, field('created_at', '')}
 end
-if not state then redis.call('HSET', KEYS[1], 'job_id', job_id, 'created_at', now, 'job', ARGV[7]) end
+if ARGV[8] ~= '0' and attempt >= tonumber(ARGV[8]) and state then
+  redis.call('HSET', KEYS[1], 'state', 'failed', 'finished_at', now, 'lease_until', '0', 'error', ARGV[9])
+  redis.call('EXPIRE', KEYS[1], ttl)
+  emit('state', 'failed', field('step', '0'), field('total_steps', '0'), '{"error": ' .. ARGV[9] .. '}')
+  return {'final', 'failed', attempt, field('created_at', '')}
+end
+if not state then redis.call('HSET', KEYS[1], 'job_id', job_id, 'created_at', now) end
+if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'job', ARGV[7]) end
 attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[5], 'started_at', now, 'lease_until', ARGV[6],
-           'step', '0', 'total_steps', ARGV[8])
+           'step', '0', 'total_steps', '0')
 redis.call('EXPIRE', KEYS[1], ttl)
-emit('state', 'running', 0, ARGV[8], '{"attempt": ' .. attempt .. ', "worker": ' .. cjson.encode(ARGV[5]) .. '}')
-return {'claimed', 'running', attempt}
+emit('state', 'running', 0, 0, '{"attempt": ' .. attempt .. ', "worker": ' .. cjson.encode(ARGV[5]) .. '}')
+return {'claimed', 'running', attempt, field('created_at', '')}
 """
 
 # ARGV[5..7]: attempt, step, total. Only the attempt that owns the running job reports progress.
@@ -94,6 +103,7 @@ class Claim:
     outcome: str     # CLAIMED (this attempt runs the job), ALREADY_FINAL or BUSY (another live attempt runs it)
     state: str
     attempt: int
+    created_at: float | None = None   # when the job was submitted (or first seen, without a submit)
 
 
 class JobStore:
@@ -118,13 +128,18 @@ class JobStore:
         now = time.time() if now is None else now
         return script(keys=keys, args=[job_id, repr(now), self.ttl_s, self.events_maxlen, *map(str, args)])
 
-    def claim(self, job_id: str, worker: str, lease_s: float, job: dict, total_steps: int = 0,
+    def claim(self, job_id: str, worker: str, lease_s: float, job: dict | None, max_attempts: int = 0,
               now: float | None = None) -> Claim:
-        """Move the job to running under a new attempt, unless it is final or another attempt's lease is live."""
+        """Move the job to running under a new attempt, unless it is final or another attempt's lease is live.
+        `job` (the validated job) is stored in the hash's `job` field, so a watchdog can enqueue it again. A job
+        that already started `max_attempts` times (0: no limit) fails instead, with code internal."""
         now = time.time() if now is None else now
-        outcome, state, attempt = self._run(self._claim, job_id, worker, repr(now + lease_s),
-                                            json.dumps(job, sort_keys=True), total_steps, now=now)
-        return Claim(outcome, state, int(attempt))
+        job_json = "" if job is None else json.dumps(job, sort_keys=True)
+        gave_up = {"code": schema.INTERNAL, "message": f"the job already started {max_attempts} times without "
+                                                       "ending (its worker died or was killed); not run again"}
+        outcome, state, attempt, created_at = self._run(self._claim, job_id, worker, repr(now + lease_s), job_json,
+                                                        max_attempts, json.dumps(gave_up), now=now)
+        return Claim(outcome, state, int(attempt), float(created_at) if created_at else None)
 
     def progress(self, job_id: str, attempt: int, step: int, total: int) -> bool:
         return bool(self._run(self._progress, job_id, attempt, step, total))
@@ -160,9 +175,10 @@ class ProgressReporter:
         self.store, self.job_id, self.attempt = store, job_id, attempt
         self.interval_s, self.deadline, self.clock = interval_s, deadline, clock
         self._last_sent = None
+        self.step = 0   # the last step reported
 
     def __call__(self, step: int, total: int) -> bool:
-        now = self.clock()
+        now, self.step = self.clock(), step
         if step >= total or self._last_sent is None or now - self._last_sent >= self.interval_s:
             self._last_sent = now
             self.store.progress(self.job_id, self.attempt, step, total)

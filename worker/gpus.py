@@ -196,7 +196,9 @@ def run_processes(specs: list[ProcessSpec], poll_s: float = POLL_S) -> int:
     previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         for spec in specs:
-            children.append(subprocess.Popen(spec.argv, env={**os.environ, **spec.env}))
+            # Its own session: a Ctrl-C in a terminal reaches only the supervisor, which forwards it once (a second
+            # SIGINT would be Celery's cold shutdown, abandoning the running job).
+            children.append(subprocess.Popen(spec.argv, env={**os.environ, **spec.env}, start_new_session=True))
             log.info("worker process started", extra={"pid": children[-1].pid, "hostname": spec.hostname,
                                                       "cuda_visible_devices": spec.env.get("CUDA_VISIBLE_DEVICES")})
         return _wait_all(children, specs, poll_s)
@@ -240,9 +242,25 @@ def _stop(children: list[subprocess.Popen]) -> None:
             child.kill()
 
 
-def supervise(spec: str, argv: list[str], metrics_port: int = 0) -> int:
-    """`inpaint-worker --gpus SPEC [celery options]`: plan the processes of this host and run them."""
+def supervise(spec: str, argv: list[str], metrics_port: int = 0, log_level: str = "INFO",
+              command: list[str] | None = None) -> int:
+    """`inpaint-worker --gpus SPEC [celery options]`: plan this host's worker processes (`command`: how to start
+    one, default `python -m worker`) and run them until all have exited."""
+    _log_as_json(log_level)
     devices = visible_devices() if spec.strip().lower() != "none" else []
-    specs = plan_processes(parse_gpus(spec, len(devices)), argv, devices, metrics_port)
+    specs = plan_processes(parse_gpus(spec, len(devices)), argv, devices, metrics_port, command)
     log.info("supervising worker processes", extra={"gpus": spec, "processes": [s.hostname for s in specs]})
     return run_processes(specs)
+
+
+def _log_as_json(level: str) -> None:
+    """The supervisor's own records as JSON lines, like the workers' (Celery does not configure this process)."""
+    from worker.app import JsonFormatter
+
+    ours = logging.getLogger("inpaint")
+    if not ours.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter())
+        ours.addHandler(handler)
+        ours.propagate = False
+    ours.setLevel(level)

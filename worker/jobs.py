@@ -3,12 +3,12 @@
 `run_job(raw_job, runtime, worker, may_retry)` is the whole job; its collaborators (state store, storage, the
 pipeline) come in through `Runtime`, so tests hand in their own.
 """
+import dataclasses
 import io
 import logging
 import threading
 import time
 import warnings
-from dataclasses import dataclass
 from typing import Callable
 
 import redis
@@ -40,11 +40,17 @@ SAVE_OPTIONS = {"png": {"format": "PNG"}, "jpeg": {"format": "JPEG", "quality": 
 LEASE_MARGIN_S = 30
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Outcome:
+    """How one delivery ended, with what the worker's metrics record."""
     status: str
     error: schema.JobError | None = None
     attempt: int = 0
+    run_s: float = 0.0
+    queue_wait_s: float | None = None   # submission to the start of the first attempt (None on later ones)
+    steps: int = 0                      # denoise steps of a succeeded run
+    images: int = 0
+    denoise_s: float | None = None
 
     def summary(self) -> dict:
         """A JSON-able summary (the Celery task's return value)."""
@@ -81,7 +87,7 @@ class PipelineHolder:
             return self._pipeline
 
 
-@dataclass
+@dataclasses.dataclass
 class Runtime:
     settings: Settings
     store: JobStore
@@ -109,11 +115,11 @@ def decode_image(name: str, data: bytes, max_pixels: int) -> Image.Image:
                 raise schema.JobError(schema.LIMIT_EXCEEDED, f"{name}: {image.width}x{image.height} is over the "
                                                              f"limit of {max_pixels} pixels")
             image.load()
+        except schema.JobError:
+            raise
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
             raise schema.JobError(schema.LIMIT_EXCEEDED, f"{name}: {error}") from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-            if isinstance(error, schema.JobError):
-                raise
             raise schema.JobError(schema.INVALID_INPUT, f"{name}: not a readable "
                                                         f"{', '.join(INPUT_FORMATS)} image ({error})") from None
     return image
@@ -133,7 +139,7 @@ def job_seed(job: schema.Job) -> int:
     """The job's seed, or one derived from its (random) job_id: a retried job paints the same pixels again."""
     if job.seed is not None:
         return job.seed
-    return int(job.job_id[:16], 16) % (schema.MAX_SEED - job.num_images + 1)
+    return int(job.job_id[:16], 16) % (schema.MAX_SEED - job.num_images + 1)   # seed + i <= MAX_SEED - 1
 
 
 def paint(pipeline, job: schema.Job, image: Image.Image, mask: Image.Image, seed: int, callback) -> list:
@@ -196,20 +202,34 @@ def run_job(raw_job, runtime: Runtime, worker: str, may_retry: bool) -> Outcome:
         error = schema.JobError(schema.INVALID_INPUT, "job_id: missing or not a uuid4 hex; nothing recorded")
         log.error("job refused", extra={"job_id": str(job_id)[:64], "code": error.code})
         return Outcome(REJECTED, error)
-    lease_s = runtime.settings.time_limit_s + LEASE_MARGIN_S
-    claim = runtime.store.claim(job_id, worker, lease_s, raw_job)
+    job, invalid = _validated(raw_job, runtime)
+    # Only a valid job is kept in the state hash (for a watchdog to enqueue again); an invalid one may be huge.
+    claim = runtime.store.claim(job_id, worker, runtime.settings.time_limit_s + LEASE_MARGIN_S,
+                                job.to_dict() if job else None, max_attempts=runtime.settings.max_attempts)
     if claim.outcome != CLAIMED:
         log.info("job not run again", extra={"job_id": job_id, "reason": claim.outcome, "state": claim.state})
         return Outcome(SKIPPED, attempt=claim.attempt)
     log.info("job started", extra={"job_id": job_id, "attempt": claim.attempt, "worker": worker})
-    deadline = time.monotonic() + runtime.settings.soft_time_limit_s
+    started = time.monotonic()
     reporter = ProgressReporter(runtime.store, job_id, claim.attempt, runtime.settings.progress_interval_s,
-                                deadline=deadline)
-    return _finish(job_id, claim.attempt, runtime, may_retry, lambda: _attempt(raw_job, runtime, reporter))
+                                deadline=started + runtime.settings.soft_time_limit_s)
+    outcome = _finish(job_id, claim.attempt, runtime, may_retry, lambda: _attempt(job, invalid, runtime, reporter))
+    first_wait = time.time() - claim.created_at if claim.attempt == 1 and claim.created_at else None
+    return dataclasses.replace(outcome, run_s=time.monotonic() - started, queue_wait_s=first_wait,
+                               steps=reporter.step if outcome.status == SUCCEEDED else 0)
 
 
-def _attempt(raw_job, runtime: Runtime, reporter: ProgressReporter) -> dict:
-    job = validate_job(raw_job, runtime.settings, runtime.storage)
+def _validated(raw_job: dict, runtime: Runtime) -> tuple[schema.Job | None, schema.JobError | None]:
+    try:
+        return validate_job(raw_job, runtime.settings, runtime.storage), None
+    except schema.JobError as error:
+        return None, error
+
+
+def _attempt(job: schema.Job | None, invalid: schema.JobError | None, runtime: Runtime,
+             reporter: ProgressReporter) -> dict:
+    if invalid is not None:
+        raise invalid
     if runtime.store.cancel_requested(job.job_id):
         raise InpaintCancelled("canceled before it started")
     return _execute(job, runtime, reporter)
@@ -236,7 +256,8 @@ def _finish(job_id: str, attempt: int, runtime: Runtime, may_retry: bool, work: 
     else:
         store.finish(job_id, SUCCEEDED, attempt, result=result)
         log.info("job succeeded", extra={**fields, "timings": result["timings"]})
-        return Outcome(SUCCEEDED, attempt=attempt)
+        return Outcome(SUCCEEDED, attempt=attempt, images=len(result["images"]),
+                       denoise_s=result["timings"]["inference_s"])
     if error.transient and may_retry:
         store.release(job_id, attempt, error.to_dict())
         log.warning("job will be retried", extra={**fields, "code": error.code, "error": error.message})

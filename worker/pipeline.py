@@ -53,8 +53,8 @@ class InpaintPipeline:
 
     @property
     def size_multiple(self) -> int:
-        """Height and width must be multiples of this: the VAE factor times the UNet's total downsampling."""
-        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        """Height and width must be multiples of the VAE's factor (the UNet upsamples to its skips' odd sizes)."""
+        return self.vae_scale_factor
 
     @torch.no_grad()
     def __call__(self, prompt, image: Image.Image, mask: Image.Image, negative_prompt=None,

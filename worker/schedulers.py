@@ -7,7 +7,8 @@ Everything that depends only on the step index is precomputed at construction in
 same float32 expressions diffusers evaluates (so the values match it bit for bit). `scale_model_input`, `step`
 and `add_noise` take the step index as a 0-dim int64 device tensor, read the tables with `index_select`, branch
 with `torch.where` and keep their history in preallocated buffers updated with `copy_`, so a CUDA graph captured
-once replays every step of every job with the index changed in place.
+once replays every step of every job with the index changed in place. (Indexing a tensor with a 0-dim tensor,
+`table[i]`, reads i on the host; `Sampler.timestep(i)` is the sync-free way to get the UNet's timestep.)
 """
 import abc
 import math
@@ -96,14 +97,15 @@ def make_sampler(name: str, config: dict, num_inference_steps: int, device, dtyp
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype: {dtype!r} is not a floating-point torch dtype")
     cfg = _resolve_config(name, config)
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) \
-            or not 1 <= num_inference_steps <= cfg["num_train_timesteps"]:
+    if not _is_index(num_inference_steps) or not 1 <= num_inference_steps <= cfg["num_train_timesteps"]:
         raise ValueError(f"num_inference_steps: {num_inference_steps!r} must be an integer from 1 to "
                          f"{cfg['num_train_timesteps']} (the config's num_train_timesteps)")
-    return _SAMPLER_CLASSES[name](name, cfg, num_inference_steps, torch.device(device), dtype)
+    return _SAMPLER_CLASSES[name](name, cfg, int(num_inference_steps), torch.device(device), dtype)
 
 
 def _resolve_config(name: str, config: dict) -> dict:
+    if not isinstance(config, dict):
+        raise ValueError(f"scheduler config: expected a dict (scheduler_config.json), got {type(config).__name__}")
     class_name = _CLASS_NAMES[name]
     cfg = {key: config.get(key, default) for key, default in _DEFAULTS[class_name].items()}
     cfg.update({key: config[key] for key in _READ_IF_PRESENT if key in config})
@@ -219,6 +221,10 @@ def _final_sigma(cfg: dict, alphas_cumprod: torch.Tensor):
 # Samplers
 
 
+def _is_index(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def _at(table: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
     """table[i] as a 0-dim tensor, without the host sync that indexing with a tensor does."""
     return table.index_select(0, i.reshape(1)).reshape(())
@@ -256,6 +262,10 @@ class Sampler(abc.ABC):
         self.timesteps = torch.as_tensor(np.asarray(values, dtype=np.float64)).to(self.device, torch.float32)
         self.num_steps = len(values)
 
+    def timestep(self, i: torch.Tensor) -> torch.Tensor:
+        """timesteps[i] (0-dim) for a 0-dim device index, without the host sync `timesteps[i]` does."""
+        return _at(self.timesteps, i)
+
     def draws_noise(self, i: int) -> bool:
         """Whether step i takes a random draw (in diffusers' order); step() then needs that draw as `noise`."""
         return False
@@ -265,7 +275,7 @@ class Sampler(abc.ABC):
 
         Same shape, dtype and device as before: the buffers are zeroed in place, so a captured graph stays valid.
         """
-        if isinstance(begin, bool) or not isinstance(begin, int) or not 0 <= begin < self.num_steps:
+        if not _is_index(begin) or not 0 <= begin < self.num_steps:
             raise ValueError(f"begin: {begin!r} must be an integer from 0 to {self.num_steps - 1} "
                              f"({self.name} with {self.num_inference_steps} steps has {self.num_steps} timesteps)")
         for key in self.history:
@@ -275,7 +285,7 @@ class Sampler(abc.ABC):
                 buffer.zero_()  # in place: a CUDA graph captured on this buffer stays valid
             else:
                 self._buffers[key] = torch.zeros_like(sample, memory_format=torch.contiguous_format)
-        self._begin.fill_(begin)
+        self._begin.fill_(int(begin))
 
     def _buffer(self, key: str) -> torch.Tensor:
         if key not in self._buffers:
@@ -295,9 +305,9 @@ class Sampler(abc.ABC):
         if isinstance(i, torch.Tensor):
             level = _at(self._noise_levels, i)
         else:
-            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.num_steps:
+            if not _is_index(i) or not 0 <= i < self.num_steps:
                 raise ValueError(f"i: {i!r} must be an integer index from 0 to {self.num_steps - 1}")
-            level = self._noise_levels[i]
+            level = self._noise_levels[int(i)]
         # diffusers casts the level to the latents' dtype before deriving the scales from it; so do we
         return self._noised(original, noise, level.to(original.dtype))
 

@@ -73,6 +73,8 @@ class Settings:
                                                               "(must exceed the soft limit)", low=2)
     max_retries: int = _setting("INPAINT_MAX_RETRIES", 3, "retries of a transient failure (storage, model hub)",
                                 low=0)
+    max_attempts: int = _setting("INPAINT_MAX_ATTEMPTS", 5, "starts of one job, retries and redeliveries after a "
+                                                           "lost worker included, before it fails for good", low=1)
     retry_backoff_s: float = _setting("INPAINT_RETRY_BACKOFF_S", 2.0, "first retry delay, doubled each retry",
                                       low=0.0)
     retry_backoff_max_s: float = _setting("INPAINT_RETRY_BACKOFF_MAX_S", 60.0, "longest retry delay", low=0.0)
@@ -82,6 +84,11 @@ class Settings:
                                                                                        "shared events stream", low=1)
     progress_interval_s: float = _setting("INPAINT_PROGRESS_INTERVAL_S", 0.5, "least time between two progress "
                                                                               "events of a job", low=0.0)
+    gpus: str = _setting("INPAINT_GPUS", "", "run one worker process per GPU: all, none or a list such as 0,1 "
+                                             "(as --gpus; empty = this process is the worker)")
+    metrics_port: int = _setting("INPAINT_METRICS_PORT", 0, "port of /metrics, /ready, /healthz (0 = off); "
+                                                            "worker process i serves on this port + i", low=0,
+                                 high=65535)
     log_level: str = _setting("INPAINT_LOG_LEVEL", "INFO", "worker log level",
                               choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
@@ -91,6 +98,9 @@ class Settings:
         if self.time_limit_s <= self.soft_time_limit_s:
             raise ValueError(f"INPAINT_TIME_LIMIT_S={self.time_limit_s}: must exceed INPAINT_SOFT_TIME_LIMIT_S="
                              f"{self.soft_time_limit_s}, so the job can report its timeout before it is killed")
+        if self.max_attempts <= self.max_retries:
+            raise ValueError(f"INPAINT_MAX_ATTEMPTS={self.max_attempts}: must exceed INPAINT_MAX_RETRIES="
+                             f"{self.max_retries}, or the last retry could never start")
 
     @classmethod
     def from_env(cls, environ=None) -> "Settings":
@@ -115,7 +125,8 @@ class Settings:
 
     def redacted(self) -> dict:
         values = asdict(self)
-        values["broker_url"], values["state_url"] = redact_url(self.broker_url), redact_url(self.state_url)
+        for name in ("broker_url", "state_url", "s3_endpoint_url"):
+            values[name] = redact_url(values[name])
         return values
 
     def __repr__(self) -> str:

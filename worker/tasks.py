@@ -7,10 +7,12 @@ import logging
 import time
 
 import redis
+from billiard.process import current_process
 from celery import signals
+from celery.exceptions import TimeLimitExceeded
 
 from api_client import schema
-from worker import jobs
+from worker import jobs, metrics
 from worker.app import app, settings
 from worker.events import JobStore
 from worker.storage import Storage
@@ -38,23 +40,36 @@ def run(self, job: dict) -> dict:
         outcome = jobs.run_job(job, runtime(), worker=self.request.hostname, may_retry=retries < settings.max_retries)
     except redis.RedisError as error:  # the state store is down: nothing could be recorded, try the delivery again
         raise self.retry(exc=error, countdown=delay, max_retries=settings.max_retries)
+    metrics.record_job(outcome.status, outcome.queue_wait_s, outcome.run_s, outcome.steps, outcome.images,
+                       outcome.denoise_s)
     if outcome.status == jobs.RETRY:
         raise self.retry(countdown=delay, max_retries=settings.max_retries)
     return outcome.summary()
 
 
 @signals.worker_process_init.connect
-def _load_model(**kwargs) -> None:
-    """Load the model when the process starts, so the first job does not wait for it; a failure is only logged
-    (each job tries again and fails with model_unavailable)."""
+def _start_process(**kwargs) -> None:
+    """Serve metrics, then load the model, so the first job does not wait for it and /ready turns 200 when it
+    can run jobs. A failed load is only logged: each job tries again and fails with model_unavailable."""
     log.info("worker settings", extra={"settings": settings.redacted()})
+    _serve_metrics()
     started = time.monotonic()
     try:
         runtime().pipeline()
     except schema.JobError as error:
         log.error("model not loaded", extra={"code": error.code, "error": error.message})
         return
-    log.info("worker ready", extra={"model": settings.model, "load_s": round(time.monotonic() - started, 3)})
+    metrics.set_ready(True)
+    log.info("model ready", extra={"model": settings.model, "load_s": round(time.monotonic() - started, 3)})
+
+
+def _serve_metrics() -> None:
+    # A prefork pool's child i serves on the next port after child i - 1's; the solo pool's process has no index.
+    index = getattr(current_process(), "index", None) or 0
+    try:
+        metrics.start_metrics_server(metrics.metrics_port(settings.metrics_port, index))
+    except (OSError, ValueError) as error:   # jobs still run without metrics; the log says why
+        log.error("metrics not served", extra={"error": str(error)})
 
 
 @signals.task_revoked.connect
@@ -69,3 +84,14 @@ def _record_revoked(request=None, expired=False, **kwargs) -> None:
     else:
         error = schema.JobError(schema.CANCELED_ERROR, "canceled before it ran")
         runtime().store.finish(job_id, schema.CANCELED, error=error.to_dict())
+
+
+@signals.task_failure.connect
+def _record_hard_timeout(exception=None, args=None, **kwargs) -> None:
+    """The hard time limit killed the job's process (prefork pools): the job cannot report it, the parent does."""
+    job = args[0] if args else None
+    job_id = job.get("job_id") if isinstance(job, dict) else None
+    if isinstance(exception, TimeLimitExceeded) and schema.is_job_id(job_id):
+        error = schema.JobError(schema.TIMEOUT, f"killed at the hard time limit of {settings.time_limit_s}s "
+                                                "(INPAINT_TIME_LIMIT_S)")
+        runtime().store.finish(job_id, schema.FAILED, error=error.to_dict())

@@ -1,7 +1,9 @@
 """The whole service: real redis-server, moto S3 over HTTP, two `inpaint-worker` processes on the tiny model."""
 import hashlib
 import io
+import re
 import time
+import urllib.request
 import uuid
 
 from kombu import Connection
@@ -51,11 +53,18 @@ def test_submitted_job_runs_and_reports_everything(service):
 
 def test_two_workers_share_the_queue(service):
     job_ids = [service.client.submit(sample_image(), sample_mask(), f"job {i}", num_inference_steps=2,
-                                     scheduler="ddim", seed=i) for i in range(4)]
+                                     scheduler="ddim", seed=i) for i in range(2)]
     statuses = [wait_final(service, job_id) for job_id in job_ids]
     assert all(status.state == schema.SUCCEEDED for status in statuses)
     # Prefetch 1 with late acks: a busy worker holds no second job, so the idle one takes it.
     assert {status.worker for status in statuses} == {w.hostname for w in service.workers}
+    for url in service.metrics_urls:   # each worker process serves its own metrics, and is ready
+        with urllib.request.urlopen(f"{url}/ready", timeout=10) as response:
+            assert response.status == 200
+        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+            exposition = response.read().decode()
+        succeeded = re.search(r'^inpaint_jobs_total\{state="succeeded"\} (\S+)$', exposition, re.MULTILINE)
+        assert succeeded and float(succeeded.group(1)) >= 1, exposition
 
 
 def test_cancel_stops_a_running_job(service):
@@ -155,3 +164,22 @@ def test_job_without_usable_id_is_dropped_with_a_log(service):
         logs = "".join(worker.log_text() for worker in service.workers)
     assert "job refused" in logs
     assert not service.redis.exists(schema.job_key("not-a-uuid"))
+
+
+def test_cancel_of_a_queued_job(service):
+    # Both workers busy with long jobs, so the third waits in the queue when it is canceled.
+    busy = [service.client.submit(sample_image(), sample_mask(), "busy", num_inference_steps=60, scheduler="ddim",
+                                  seed=i) for i in range(2)]
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while any(service.client.status(job_id).step < 1 for job_id in busy) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    queued = service.client.submit(sample_image(), sample_mask(), "never runs", num_inference_steps=2,
+                                   scheduler="ddim", seed=5)
+    service.client.cancel(queued)
+    for job_id in busy:
+        service.client.cancel(job_id)
+    status = wait_final(service, queued)
+    assert status.state == schema.CANCELED and status.error["code"] == schema.CANCELED_ERROR
+    assert status.step == 0
+    assert not service.s3.list_objects_v2(Bucket=BUCKET, Prefix=f"jobs/{queued}/").get("Contents")
+    assert all(wait_final(service, job_id).state == schema.CANCELED for job_id in busy)

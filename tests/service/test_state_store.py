@@ -35,7 +35,7 @@ def events(client, job_id: str) -> list[dict]:
 def test_claim_creates_running_state_and_events_in_both_streams(store, client):
     job_id = new_job_id()
     claim = store.claim(job_id, "w1", lease_s=60, job={"job_id": job_id}, now=1000.0)
-    assert (claim.outcome, claim.state, claim.attempt) == (CLAIMED, schema.RUNNING, 1)
+    assert (claim.outcome, claim.state, claim.attempt, claim.created_at) == (CLAIMED, schema.RUNNING, 1, 1000.0)
     state = client.hgetall(schema.job_key(job_id))
     assert state["state"] == "running" and state["attempt"] == "1" and state["worker"] == "w1"
     assert float(state["started_at"]) == 1000.0 and float(state["lease_until"]) == 1060.0
@@ -64,6 +64,18 @@ def test_same_worker_takes_over_its_own_ended_attempt(store):
     assert store.claim(job_id, "w1", lease_s=60, job={}, now=1001.0).attempt == 2
 
 
+def test_a_job_that_keeps_killing_its_worker_fails_after_max_attempts(store, client):
+    job_id = new_job_id()
+    for attempt in (1, 2):
+        assert store.claim(job_id, "w1", lease_s=60, job={}, max_attempts=2).attempt == attempt
+    gave_up = store.claim(job_id, "w1", lease_s=60, job={}, max_attempts=2)
+    assert (gave_up.outcome, gave_up.state) == (ALREADY_FINAL, schema.FAILED)
+    status = store.status(job_id)
+    assert status.state == schema.FAILED and status.error["code"] == schema.INTERNAL
+    assert "2 times" in status.error["message"]
+    assert events(client, job_id)[-1]["data"] == {"error": status.error}
+
+
 def test_final_state_is_written_once_and_never_claimed_again(store, client):
     job_id = new_job_id()
     attempt = store.claim(job_id, "w1", lease_s=60, job={}).attempt
@@ -85,6 +97,14 @@ def test_stale_attempt_cannot_write(store):
     assert not store.finish(job_id, schema.SUCCEEDED, 1, result={"images": []})
     assert store.progress(job_id, 2, 1, 4)
     assert store.status(job_id).step == 1 and store.status(job_id).worker == "w2"
+
+
+def test_claim_of_a_submitted_job_reports_its_submission_time(store, client):
+    job_id = new_job_id()
+    client.hset(schema.job_key(job_id), mapping=schema.queued_state_fields({"job_id": job_id}, now=50.0))
+    claim = store.claim(job_id, "w1", lease_s=60, job=None, now=60.0)
+    assert (claim.outcome, claim.created_at) == (CLAIMED, 50.0)
+    assert json.loads(client.hget(schema.job_key(job_id), "job")) == {"job_id": job_id}   # kept, not replaced
 
 
 def test_queued_job_can_be_canceled_without_an_attempt(store, client):

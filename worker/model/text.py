@@ -24,14 +24,13 @@ class TextEncoder:
         """
         folder = Path(folder)
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+        # Read on the CPU, then moved: a device_map would need accelerate, and the encoder is small (~250 MB).
         model, info = CLIPTextModel.from_pretrained(
-            folder / "text_encoder", use_safetensors=True, dtype=dtype, device_map={"": str(device)},
-            variant=variant, output_loading_info=True)
+            folder / "text_encoder", use_safetensors=True, dtype=dtype, variant=variant, output_loading_info=True)
         problems = {name: info[name] for name in LOADING_PROBLEMS if info.get(name)}
         if problems:
             raise ValueError(f"{folder / 'text_encoder'}: weights do not match the config: {problems}")
-        model.eval().requires_grad_(False)
-        return cls(model, tokenizer)
+        return cls(model.to(device).eval().requires_grad_(False), tokenizer)
 
     @staticmethod
     def expected_shapes(config_folder: Path) -> tuple[dict[str, tuple[int, ...]], set[str]]:

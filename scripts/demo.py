@@ -1,0 +1,133 @@
+"""`make demo`: the whole service on this machine, one job through it, the result under out/.
+
+Starts redis-server and a moto S3 server (unless INPAINT_BROKER_URL / INPAINT_S3_ENDPOINT_URL name running ones),
+writes the tiny random model (unless INPAINT_MODEL names one), starts one worker, submits examples/image.png and
+examples/mask.png through InpaintClient, shows the job's progress and saves the image under out/. Everything it
+started is stopped at the end, also on failure, Ctrl-C or SIGTERM.
+"""
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as `python scripts/demo.py` from a checkout
+
+from api_client import schema  # noqa: E402
+from api_client.cli import ProgressDisplay  # noqa: E402
+from api_client.client import InpaintClient  # noqa: E402
+from worker import devstack  # noqa: E402
+
+DEMO_BUCKET = "inpaint-demo"
+PROMPT = "a red brick cottage with a blue door, warm afternoon light"
+REAL_JOB = {"num_inference_steps": 30, "scheduler": "dpmpp_2m_karras", "seed": 42, "mask_blur": 4}
+# The tiny model's VAE downsamples only 2x, so its attention at 512x512 would cover 256x256 latents: it paints
+# random pixels anyway, so the demo keeps it small and quick.
+TINY_JOB = {**REAL_JOB, "num_inference_steps": 6, "width": 64, "height": 64, "mask_blur": 1}
+WORKER_READY_TIMEOUT_S = 300
+JOB_TIMEOUT_S = 600
+
+
+def main() -> int:
+    # SIGTERM unwinds like Ctrl-C, so the services below are stopped either way.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    started = time.monotonic()
+    with ExitStack() as stack:
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="inpaint-demo-")))
+        # The model is written in a subprocess while the servers start.
+        tiny_writer = None if os.environ.get("INPAINT_MODEL") else _start_tiny_model(stack, scratch / "model")
+        broker_url = os.environ.get("INPAINT_BROKER_URL") or stack.enter_context(devstack.start_redis()).url
+        s3_url, bucket, aws = _storage(stack)
+        model = os.environ.get("INPAINT_MODEL") or _finish_tiny_model(tiny_writer, scratch / "model")
+        worker = _start_worker(stack, broker_url, s3_url, bucket, model, aws, scratch / "worker.log")
+        print(f"services up in {time.monotonic() - started:.1f}s (worker log: {worker.log_path})", flush=True)
+        client = stack.enter_context(InpaintClient(broker_url=broker_url, s3_endpoint_url=s3_url, bucket=bucket,
+                                                   queue=os.environ.get("INPAINT_QUEUE") or "inpaint"))
+        job = TINY_JOB if tiny_writer else REAL_JOB
+        return _run_job(client, job, worker, started)
+
+
+def _start_tiny_model(stack: ExitStack, folder: Path) -> subprocess.Popen:
+    writer = subprocess.Popen([sys.executable, "-m", "worker.model.tiny", str(folder)], cwd=ROOT,
+                              stdout=subprocess.DEVNULL)
+    stack.callback(_stop, writer)
+    return writer
+
+
+def _finish_tiny_model(writer: subprocess.Popen, folder: Path) -> str:
+    if writer.wait() != 0:
+        raise RuntimeError(f"writing the tiny model failed (exit code {writer.returncode})")
+    print(f"tiny random model written to {folder} (set INPAINT_MODEL to use real weights)", flush=True)
+    return str(folder)
+
+
+def _storage(stack: ExitStack) -> tuple[str | None, str, dict]:
+    """(S3 endpoint, bucket, AWS variables for the worker): a private moto server with its bucket, or the
+    configured S3 with the caller's own credentials."""
+    if os.environ.get("INPAINT_S3_ENDPOINT_URL") or os.environ.get("INPAINT_BUCKET"):
+        bucket = os.environ.get("INPAINT_BUCKET")
+        if not bucket:
+            raise RuntimeError("INPAINT_S3_ENDPOINT_URL is set: set INPAINT_BUCKET to the bucket to use there")
+        return os.environ.get("INPAINT_S3_ENDPOINT_URL") or None, bucket, {}
+    server = stack.enter_context(devstack.start_s3())
+    devstack.create_bucket(server.endpoint_url, DEMO_BUCKET)
+    os.environ.update(server.env)  # the client's boto3 signs with moto's fake keys
+    return server.endpoint_url, DEMO_BUCKET, server.env
+
+
+def _start_worker(stack, broker_url, s3_url, bucket, model, aws: dict, log_path: Path):
+    env = {**devstack.worker_env(broker_url, s3_url or "", bucket, model), **aws}
+    for name in devstack.FAKE_AWS.keys() - aws.keys():
+        env.pop(name)  # a real S3: the worker uses the caller's own credentials
+    print("starting a worker (loads the model) ...", flush=True)
+    worker = devstack.start_worker(env, log_path=log_path)
+    stack.callback(worker.stop)
+    devstack.wait_worker_ready(broker_url, worker, timeout=WORKER_READY_TIMEOUT_S)
+    return worker
+
+
+def _run_job(client: InpaintClient, job: dict, worker, started: float) -> int:
+    image, mask = ROOT / "examples" / "image.png", ROOT / "examples" / "mask.png"
+    job_id = client.submit(image, mask, PROMPT, **job)
+    print(f"submitted job {job_id}: {PROMPT!r}", flush=True)
+    try:
+        _show_progress(client, job_id)
+    except BaseException:
+        client.cancel(job_id)  # Ctrl-C or a failure: the worker stops at its next step
+        raise
+    status = client.status(job_id)
+    if status.state != schema.SUCCEEDED:
+        print(f"job {status.state}: {status.error}\n--- worker log ---\n{worker.log_text()[-3000:]}",
+              file=sys.stderr)
+        return 1
+    files = client.download(job_id, ROOT / "out")
+    timings = status.result["timings"]
+    print(f"done in {time.monotonic() - started:.1f}s (inference {timings['inference_s']:.1f}s)")
+    for path in files:
+        print(f"saved {path}")
+    return 0
+
+
+def _show_progress(client: InpaintClient, job_id: str) -> None:
+    display = ProgressDisplay(sys.stdout)
+    for event in client.events(job_id, timeout=JOB_TIMEOUT_S):
+        display.update(event["step"], event["total_steps"], event["state"])
+    display.close()
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        process.wait(10)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("\ninterrupted; everything the demo started is stopped", file=sys.stderr)
+        sys.exit(130)
