@@ -118,3 +118,30 @@ def test_graphs_off_and_bad_mode():
     assert not runner.uses_graphs(torch.device("cuda"))
     with pytest.raises(ValueError, match="cuda_graphs"):
         DenoiseRunner(torch.nn.Identity(), mode="sometimes")
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.parametrize("channels", [9, 4])
+def test_the_step_never_reads_a_tensor_back_to_the_host(pipe, scheduler, channels):
+    # On the meta device any host read (.item(), bool(), indexing by a tensor) raises: the step must not do one,
+    # or it could not be captured in a CUDA graph.
+    from worker.denoise import DenoiseInputs
+    from worker.model.unet import UNet2DConditionModel, UNetConfig
+    from worker.schedulers import make_sampler
+
+    config = UNetConfig.from_dict({**pipe.unet.config.__dict__, "in_channels": channels})
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(config)
+        latents = torch.empty(2, 4, 8, 8)
+        inputs = DenoiseInputs(
+            latents=latents, text=torch.empty(4, 77, 32), guidance_scale=7.5,
+            condition=torch.empty(4, 5, 8, 8) if channels == 9 else None,
+            step_noise=torch.empty(5, 2, 4, 8, 8) if scheduler in ("euler_a", "ddpm") else None,
+            blend=(torch.empty(2, 4, 8, 8), torch.empty(2, 4, 8, 8), torch.empty(2, 1, 8, 8)) if channels == 4
+            else None)
+    sampler = make_sampler(scheduler, pipe.scheduler_config, 4, "meta")
+    sampler.reset(latents, 0)
+    state = StepState(inputs)
+    for _ in range(2):
+        denoise_step(unet, sampler, state)
+    assert state.latents.shape == (2, 4, 8, 8)

@@ -71,11 +71,12 @@ def denoise_step(unet, sampler, s: StepState) -> None:
     model_in = sampler.scale_model_input(torch.cat([x, x]) if s.guided else x, i)
     if s.condition is not None:
         model_in = torch.cat([model_in, s.condition], dim=1)
-    eps = unet(model_in, sampler.timesteps[i], s.text)
+    eps = unet(model_in, sampler.timestep(i), s.text)
     if s.guided:
         uncond, cond = eps.chunk(2)
         eps = uncond + s.guidance.to(eps.dtype) * (cond - uncond)
-    noise = None if s.step_noise is None else s.step_noise[i]
+    # index_select, not [i]: indexing with a 0-dim tensor reads it back to the host.
+    noise = None if s.step_noise is None else s.step_noise.index_select(0, i.view(1))[0]
     x = sampler.step(eps, x, i, noise=noise)
     if s.blend is not None:
         x = _blend_known_region(sampler, s.blend, x, i)
