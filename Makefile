@@ -23,8 +23,8 @@ demo: $(STAMP)
 	$(PY) scripts/demo.py
 
 bench: $(STAMP)
-	$(PY) benchmarks/pipeline_cpu.py
-	$(PY) benchmarks/queue.py
+	$(PY) -m benchmarks.pipeline_cpu
+	$(PY) -m benchmarks.queue
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

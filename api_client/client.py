@@ -10,6 +10,7 @@ import json
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
 from urllib.parse import urlparse
@@ -123,6 +124,8 @@ class _ClientCore:
         self._redis = self._redis_class.from_url(state_url or broker_url, decode_responses=True)
         self._create_queued = self._redis.register_script(CREATE_QUEUED_SCRIPT)
         self._cancel = self._redis.register_script(CANCEL_SCRIPT)
+        # Image and mask go up side by side: against a remote S3 each PUT is a round trip.
+        self._uploader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="inpaint-upload")
 
     @classmethod
     def from_env(cls, environ=None):
@@ -216,6 +219,7 @@ class InpaintClient(_ClientCore):
     _redis_class = redis.Redis
 
     def close(self) -> None:
+        self._uploader.shutdown()
         self._redis.close()
         self._celery.close()
 
@@ -235,8 +239,7 @@ class InpaintClient(_ClientCore):
         job = submission.job
         if self._redis.exists(schema.job_key(job["job_id"])):
             return job["job_id"]
-        for upload in submission.uploads:
-            self._upload(upload)
+        list(self._uploader.map(self._upload, submission.uploads))
         call = self._queued_call(job)
         if self._create_queued(**call):
             try:
@@ -291,6 +294,7 @@ class AsyncInpaintClient(_ClientCore):
 
     async def aclose(self) -> None:
         await self._redis.aclose()
+        await asyncio.to_thread(self._uploader.shutdown)
         await asyncio.to_thread(self._celery.close)
 
     async def __aenter__(self) -> "AsyncInpaintClient":
@@ -304,7 +308,8 @@ class AsyncInpaintClient(_ClientCore):
         job = submission.job
         if await self._redis.exists(schema.job_key(job["job_id"])):
             return job["job_id"]
-        await asyncio.gather(*(asyncio.to_thread(self._upload, upload) for upload in submission.uploads))
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(self._uploader, self._upload, u) for u in submission.uploads))
         call = self._queued_call(job)
         if await self._create_queued(**call):
             try:

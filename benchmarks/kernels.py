@@ -10,21 +10,14 @@ Medians from triton.testing.do_bench. TFLOP/s and GB/s are set against peaks mea
 matmul and a large device-to-device copy. GroupNorm bytes are the minimum traffic (read x once, write y once).
 Targets (H100): attention >= 1.0x SDPA at every shape; GroupNorm+SiLU >= 80% of copy bandwidth and >= 2x eager.
 
-    python benchmarks/kernels.py [--out results.md] [--skip-unet]
+    python -m benchmarks.kernels [--out results.md] [--skip-unet]
 """
 import argparse
-import importlib
 import sys
 from pathlib import Path
 
-# Run as a script, this folder comes first on sys.path, where this very file would shadow the `kernels` package
-# (and benchmarks/queue.py the standard library's queue): search the repository root first, this folder last.
-BENCHMARKS = Path(__file__).resolve().parent
-sys.path[:] = [str(BENCHMARKS.parent)] + [p for p in sys.path if Path(p or ".").resolve() != BENCHMARKS] + [
-    str(BENCHMARKS)]
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
 ATTENTION_SHAPES = {  # resolution -> (B, H, Nq, Nk, D): self- then cross-attention at each UNet level
     512: [(2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40), (2, 8, 1024, 1024, 80), (2, 8, 1024, 77, 80),
@@ -67,7 +60,7 @@ def projected_qkv(batch, heads, n_q, n_kv, head_dim):
 def bench_attention(peak_tflops: float) -> list[str]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    attention_triton = importlib.import_module("kernels.attention").attention_triton
+    from kernels.attention import attention_triton
     rows = ["| resolution | B, H, Nq, Nk, D | ours ms | SDPA flash ms | speed-up | ours TFLOP/s | % of matmul peak |",
             "|---|---|---|---|---|---|---|"]
     for resolution, shapes in ATTENTION_SHAPES.items():
@@ -84,7 +77,7 @@ def bench_attention(peak_tflops: float) -> list[str]:
 
 
 def bench_group_norm(peak_gbps: float) -> list[str]:
-    group_norm_triton = importlib.import_module("kernels.group_norm").group_norm_triton
+    from kernels.group_norm import group_norm_triton
     rows = ["| N, C, H, W | layout | ours ms | eager ms | speed-up | ours GB/s | % of copy peak |",
             "|---|---|---|---|---|---|---|"]
     for shape in GROUP_NORM_SHAPES:

@@ -3,7 +3,7 @@
 The full SD1.5 inpainting architecture with random weights, 256x256, 4 steps, guidance 7.5, float32.
 Prints the median time of each and the median ratio ours/diffusers (target <= 0.95).
 
-    python benchmarks/pipeline_cpu.py [--runs 3] [--size 256] [--steps 4] [--out results.md]
+    python -m benchmarks.pipeline_cpu [--runs 3] [--size 256] [--steps 4] [--out results.md]
 """
 import argparse
 import statistics
@@ -16,8 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sd15 import write_sd15_random  # noqa: E402
+from benchmarks.sd15 import write_sd15_random
 
 
 def scene(size: int) -> tuple[Image.Image, Image.Image]:

@@ -4,7 +4,7 @@ SD1.5 inpainting architecture (random weights time the same as real ones), 512x5
 float16, batch 1 and 4. UNet steps/s comes from the difference between a 50-step and a 2-step run, which cancels
 the text encoder, VAE and set-up; utilisation is against 1.607 TFLOP per guided step at batch 1.
 
-    python benchmarks/pipeline_gpu.py [--batches 1 4] [--steps 50] [--no-compile] [--out results.md]
+    python -m benchmarks.pipeline_gpu [--batches 1 4] [--steps 50] [--no-compile] [--out results.md]
 """
 import argparse
 import os
@@ -17,8 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sd15 import write_sd15_random  # noqa: E402
+from benchmarks.sd15 import write_sd15_random
 
 TFLOP_PER_GUIDED_STEP = 1.607
 SIZE = 512

@@ -44,24 +44,29 @@ def job_inputs() -> tuple[Image.Image, Image.Image]:
     return image, mask
 
 
-def overhead_ms(started: float, status: schema.JobStatus, finished: float) -> float:
+def overhead_parts_ms(started: float, submitted: float, finished: float, status: schema.JobStatus) -> dict:
+    """The job's overhead and its parts: the client's submit, the worker's storage I/O (fetching inputs,
+    storing outputs), and the rest (queue hand-off, state writes, event delivery)."""
     if status.state != schema.SUCCEEDED:
         raise RuntimeError(f"job {status.job_id} ended {status.state}: {status.error}")
-    return (finished - started - status.result["timings"]["inference_s"]) * 1000
+    timings = status.result["timings"]
+    overhead = (finished - started - timings["inference_s"]) * 1000
+    submit, storage = (submitted - started) * 1000, (timings["fetch_s"] + timings["upload_s"]) * 1000
+    return {"overhead": overhead, "submit": submit, "storage": storage, "rest": overhead - submit - storage}
 
 
-def latency_run(client: InpaintClient, jobs: int) -> list[float]:
-    """Per-job overhead in ms, one job at a time."""
+def latency_run(client: InpaintClient, jobs: int) -> list[dict]:
+    """Per-job overhead parts in ms, one job at a time."""
     image, mask = job_inputs()
-    overheads = []
+    parts = []
     for _ in range(jobs):
         started = time.perf_counter()
         job_id = client.submit(image, mask, "a house", **JOB_OPTIONS)
+        submitted = time.perf_counter()
         for _event in client.events(job_id, timeout=60):
             pass
-        finished = time.perf_counter()
-        overheads.append(overhead_ms(started, client.status(job_id), finished))
-    return overheads
+        parts.append(overhead_parts_ms(started, submitted, time.perf_counter(), client.status(job_id)))
+    return parts
 
 
 def throughput_run(client: InpaintClient, jobs: int) -> float:
@@ -90,17 +95,21 @@ def measure(stack: ExitStack, redis_url: str, s3_url: str, model: Path, workers:
         devstack.wait_worker_ready(redis_url, worker, timeout=180)
     with InpaintClient(broker_url=redis_url, s3_endpoint_url=s3_url, bucket=BUCKET) as client:
         latency_run(client, 2 * workers)  # warm-up: first job per process, connections, caches
-        overheads = latency_run(client, jobs)
+        parts = latency_run(client, jobs)
         rate = throughput_run(client, jobs)
     for worker in started:
         worker.stop()  # before the next measurement starts its own workers
+    overheads = [p["overhead"] for p in parts]
+    medians = {name: statistics.median(p[name] for p in parts) for name in ("submit", "storage", "rest")}
     return {"workers": workers, "jobs": jobs, "p50": statistics.median(overheads),
-            "p95": percentile(overheads, 0.95), "rate": rate}
+            "p95": percentile(overheads, 0.95), "rate": rate, **medians}
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| workers | jobs | overhead p50 (ms) | overhead p95 (ms) | jobs/s |", "|---|---|---|---|---|"]
-    lines += [f"| {r['workers']} | {r['jobs']} | {r['p50']:.1f} | {r['p95']:.1f} | {r['rate']:.2f} |" for r in rows]
+    lines = ["| workers | jobs | overhead p50 (ms) | overhead p95 (ms) | jobs/s | p50 parts (ms): client submit / "
+             "worker S3 I/O / queue+state+events |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['workers']} | {r['jobs']} | {r['p50']:.1f} | {r['p95']:.1f} | {r['rate']:.2f} | "
+              f"{r['submit']:.1f} / {r['storage']:.1f} / {r['rest']:.1f} |" for r in rows]
     return "\n".join(lines)
 
 
