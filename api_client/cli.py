@@ -69,7 +69,9 @@ def main(argv=None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print JSON for scripts instead of text")
-    parser = argparse.ArgumentParser(prog="inpaint", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="inpaint", description="Submit inpainting jobs to the queue and follow "
+                                     "them, or run one in this process. Exit codes: 0 ok, 1 the job failed or was "
+                                     "canceled, 2 a usage or input error.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     submit = commands.add_parser("submit", parents=[common], help="submit a job to the queue")
@@ -114,7 +116,7 @@ def _add_inputs(parser: argparse.ArgumentParser) -> None:
 
 def _add_job_options(parser: argparse.ArgumentParser) -> None:
     for flag, field, kind, text in JOB_OPTIONS:
-        parser.add_argument(flag, dest=field, type=kind, help=text)
+        parser.add_argument(flag, dest=field, type=kind, help=text, metavar=flag.lstrip("-").upper())
     parser.add_argument("--keep-unmasked", action=argparse.BooleanOptionalAction,
                         help="paste the original pixels back outside the mask")
 

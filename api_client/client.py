@@ -254,7 +254,8 @@ class InpaintClient(_ClientCore):
         return schema.JobStatus.from_hash(job_id, self._redis.hgetall(schema.job_key(job_id)))
 
     def events(self, job_id: str, timeout: float | None = None):
-        """Yield the job's events (schema.parse_event dicts) from its first; ends after a final state.
+        """Yield the job's events (schema.parse_event dicts) from its first; ends after a final state, or when
+        the job's hash is gone.
 
         Raises TimeoutError when `timeout` seconds pass first.
         """
@@ -262,7 +263,7 @@ class InpaintClient(_ClientCore):
         while not reader.done:
             reply = self._redis.xread(reader.streams, block=reader.block_ms(), count=100)
             yield from reader.take(reply)
-            if reader.idle(reply) and self.status(job_id).final:
+            if reader.idle(reply) and _ended(self.status(job_id)):
                 return
 
     def wait(self, job_id: str, timeout: float | None = None) -> schema.JobStatus:
@@ -328,7 +329,7 @@ class AsyncInpaintClient(_ClientCore):
             reply = await self._redis.xread(reader.streams, block=reader.block_ms(), count=100)
             for event in reader.take(reply):
                 yield event
-            if reader.idle(reply) and (await self.status(job_id)).final:
+            if reader.idle(reply) and _ended(await self.status(job_id)):
                 return
 
     async def wait(self, job_id: str, timeout: float | None = None) -> schema.JobStatus:
@@ -386,6 +387,11 @@ class _EventReader:
     def idle(self, reply) -> bool:
         """True after a read that found nothing new: time to re-read the hash, whose end the stream may lack."""
         return not reply and not self.done
+
+
+def _ended(status: schema.JobStatus) -> bool:
+    """No more events will come: the job is final, or its hash is gone (expired, or never existed)."""
+    return status.final or status.state == schema.EXPIRED
 
 
 def _celery_app(broker_url: str) -> Celery:

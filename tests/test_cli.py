@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import threading
+import uuid
 
 import pytest
 from PIL import Image
@@ -155,7 +156,7 @@ def test_fetch_saves_the_images_and_refuses_unfinished_jobs(env, s3, inputs, cap
 
 
 def test_submit_wait_follows_the_job_and_saves_its_images(env, s3, inputs, capsys, tmp_path):
-    job_id = "a" * 12 + "4" + "b" * 19
+    job_id = uuid.uuid4().hex
     worker = threading.Timer(0.3, publish_result, (s3, env, job_id, [(7, 7, 7)]))
     worker.start()
     code, out, _ = run_cli(capsys, *submit_args(inputs, "--job-id", job_id, "--wait", "--timeout", "20",

@@ -185,8 +185,11 @@ def test_failed_enqueue_raises_and_leaves_the_job_resubmittable(services, store,
     assert len(queued_messages(store)) == 1
 
 
-def test_status_of_unknown_job_is_expired(client):
-    assert client.status(uuid.uuid4().hex).state == schema.EXPIRED
+def test_unknown_job_is_expired_and_has_no_events(client):
+    job_id = uuid.uuid4().hex
+    assert client.status(job_id).state == schema.EXPIRED
+    assert list(client.events(job_id, timeout=5)) == []
+    assert client.wait(job_id, timeout=5).state == schema.EXPIRED
 
 
 def test_events_and_wait_follow_the_stream_to_the_final_state(client, store):
