@@ -1,4 +1,4 @@
-"""Queue overhead of the service on loopback: `python benchmarks/queue.py [--jobs N] [--workers 1 2]`.
+"""Queue overhead of the service on loopback: `python -m benchmarks.queue [--jobs N] [--workers 1 2]`.
 
 Starts a private redis-server, a moto S3 server and 1, then 2, `inpaint-worker` processes on the tiny random model
 (CPU), and sends 64x64 jobs through InpaintClient. Per-job overhead is submit -> final event seen by the client,
@@ -6,27 +6,22 @@ minus the pipeline's own time (the result's `timings.inference_s`): upload of th
 events, fetching inputs and storing outputs. Latency jobs run one at a time; throughput jobs are all submitted at
 once. Prints a markdown table. Targets: overhead p50 <= 25 ms, p95 <= 60 ms.
 """
+import argparse
+import os
+import statistics
 import sys
+import tempfile
+import time
+from contextlib import ExitStack
 from pathlib import Path
+from unittest import mock
 
-# Run as `python benchmarks/queue.py`, this folder leads sys.path and this file would shadow the standard library's
-# `queue` (which kombu and boto3 import): take the folder off the path before importing anything else.
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
+from PIL import Image, ImageDraw
 
-import argparse  # noqa: E402 (after the path fix above)
-import os  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from contextlib import ExitStack  # noqa: E402
-from unittest import mock  # noqa: E402
-
-from PIL import Image, ImageDraw  # noqa: E402
-
-from api_client import schema  # noqa: E402
-from api_client.client import InpaintClient  # noqa: E402
-from worker import devstack  # noqa: E402
-from worker.model.tiny import write_tiny_model  # noqa: E402
+from api_client import schema
+from api_client.client import InpaintClient
+from worker import devstack
+from worker.model.tiny import write_tiny_model
 
 BUCKET = "inpaint-bench"
 SIZE = 64

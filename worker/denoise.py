@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from worker import metrics
+
 log = logging.getLogger(__name__)
 
 GRAPH_MODES = ("auto", "on", "off")
@@ -154,6 +156,7 @@ def capture_cuda_graph(unet, sampler, inputs: DenoiseInputs) -> _Graph:
     with torch.cuda.graph(graph, pool=_POOL):
         denoise_step(unet, sampler, state)
     log.info("cuda graph captured", extra={"key": repr(graph_key(sampler, inputs))})
+    metrics.record_graph_captured()
     return _Graph(graph=graph, state=state, sampler=sampler)
 
 
