@@ -93,7 +93,7 @@ def test_capture_failure_falls_back_to_eager_with_one_logged_reason(pipe, scene,
     expected = _images(pipe, scene, scheduler="pndm")
     eager, pipe.runner = pipe.runner, DenoiseRunner(pipe.unet, mode="auto", capture=failing_capture)
     try:
-        with caplog.at_level(logging.WARNING, logger="worker.denoise"):
+        with caplog.at_level(logging.WARNING, logger="inpaint.denoise"):
             first = _images(pipe, scene, scheduler="pndm")
             second = _images(pipe, scene, scheduler="pndm")
     finally:

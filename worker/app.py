@@ -49,16 +49,20 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-@signals.after_setup_logger.connect
-def _structured_logs(logger=None, loglevel=None, **kwargs) -> None:
-    """Our own records (the `inpaint.*` loggers) as JSON lines beside Celery's."""
+def log_as_json(level) -> None:
+    """Our own records (the `inpaint.*` loggers) as JSON lines, beside Celery's own."""
     ours = logging.getLogger("inpaint")
     if not ours.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(JsonFormatter())
         ours.addHandler(handler)
         ours.propagate = False
-    ours.setLevel(loglevel or settings.log_level)
+    ours.setLevel(level)
+
+
+@signals.after_setup_logger.connect
+def _structured_logs(logger=None, loglevel=None, **kwargs) -> None:
+    log_as_json(loglevel or settings.log_level)
 
 
 settings = Settings.from_env()

@@ -17,7 +17,7 @@ import torch
 
 from worker import metrics
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("inpaint.denoise")
 
 GRAPH_MODES = ("auto", "on", "off")
 

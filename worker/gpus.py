@@ -246,21 +246,11 @@ def supervise(spec: str, argv: list[str], metrics_port: int = 0, log_level: str 
               command: list[str] | None = None) -> int:
     """`inpaint-worker --gpus SPEC [celery options]`: plan this host's worker processes (`command`: how to start
     one, default `python -m worker`) and run them until all have exited."""
-    _log_as_json(log_level)
+    from worker.app import log_as_json  # the workers' JSON log format (Celery does not configure this process)
+
+    log_as_json(log_level)
     devices = visible_devices() if spec.strip().lower() != "none" else []
     specs = plan_processes(parse_gpus(spec, len(devices)), argv, devices, metrics_port, command)
     log.info("supervising worker processes", extra={"gpus": spec, "processes": [s.hostname for s in specs]})
     return run_processes(specs)
 
-
-def _log_as_json(level: str) -> None:
-    """The supervisor's own records as JSON lines, like the workers' (Celery does not configure this process)."""
-    from worker.app import JsonFormatter
-
-    ours = logging.getLogger("inpaint")
-    if not ours.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(JsonFormatter())
-        ours.addHandler(handler)
-        ours.propagate = False
-    ours.setLevel(level)

@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from api_client import schema
 from worker.denoise import InpaintCancelled
 from worker.events import CLAIMED, JobStore, ProgressReporter
+from worker.lease import Heartbeat
 from worker.model.loader import ModelLoadError
 from worker.settings import Settings
 from worker.storage import Storage
@@ -36,8 +37,6 @@ RETRY = "retry"          # a transient error; the caller schedules another attem
 INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
 SAVE_OPTIONS = {"png": {"format": "PNG"}, "jpeg": {"format": "JPEG", "quality": 95},
                 "webp": {"format": "WEBP", "quality": 95}}
-# A lease outlasts the hard time limit by this much, so a live run is never taken for a dead one.
-LEASE_MARGIN_S = 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +121,24 @@ def decode_image(name: str, data: bytes, max_pixels: int) -> Image.Image:
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
             raise schema.JobError(schema.INVALID_INPUT, f"{name}: not a readable "
                                                         f"{', '.join(INPUT_FORMATS)} image ({error})") from None
-    return image
+    _check_shape(name, image)
+    return _eight_bit(image)
+
+
+def _check_shape(name: str, image: Image.Image) -> None:
+    if getattr(image, "n_frames", 1) > 1:
+        raise schema.JobError(schema.INVALID_INPUT, f"{name}: an animated image ({image.n_frames} frames); send "
+                                                    "a single frame")
+    if min(image.size) < schema.SIZE_MULTIPLE:
+        raise schema.JobError(schema.INVALID_INPUT, f"{name}: {image.width}x{image.height} is smaller than "
+                                                    f"{schema.SIZE_MULTIPLE}x{schema.SIZE_MULTIPLE} pixels")
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit and 32-bit integer greys scaled to 8 bits (a plain convert would clip everything above 255)."""
+    if image.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        return image
+    return image.convert("I").point(lambda value: value / 256).convert("L")
 
 
 def load_inputs(job: schema.Job, storage: Storage, max_pixels: int) -> tuple[Image.Image, Image.Image]:
@@ -204,7 +220,7 @@ def run_job(raw_job, runtime: Runtime, worker: str, may_retry: bool) -> Outcome:
         return Outcome(REJECTED, error)
     job, invalid = _validated(raw_job, runtime)
     # Only a valid job is kept in the state hash (for a watchdog to enqueue again); an invalid one may be huge.
-    claim = runtime.store.claim(job_id, worker, runtime.settings.time_limit_s + LEASE_MARGIN_S,
+    claim = runtime.store.claim(job_id, worker, runtime.settings.lease_s,
                                 job.to_dict() if job else None, max_attempts=runtime.settings.max_attempts)
     if claim.outcome != CLAIMED:
         log.info("job not run again", extra={"job_id": job_id, "reason": claim.outcome, "state": claim.state})
@@ -213,7 +229,12 @@ def run_job(raw_job, runtime: Runtime, worker: str, may_retry: bool) -> Outcome:
     started = time.monotonic()
     reporter = ProgressReporter(runtime.store, job_id, claim.attempt, runtime.settings.progress_interval_s,
                                 deadline=started + runtime.settings.soft_time_limit_s)
-    outcome = _finish(job_id, claim.attempt, runtime, may_retry, lambda: _attempt(job, invalid, runtime, reporter))
+    # The heartbeat keeps this attempt's lease alive; if the process dies, the lease runs out and a watchdog
+    # (worker.lease) sends the job to another worker.
+    with Heartbeat(runtime.store.redis, job_id, claim.attempt, runtime.settings.lease_s,
+                   runtime.settings.heartbeat_s):
+        outcome = _finish(job_id, claim.attempt, runtime, may_retry,
+                          lambda: _attempt(job, invalid, runtime, reporter))
     first_wait = time.time() - claim.created_at if claim.attempt == 1 and claim.created_at else None
     return dataclasses.replace(outcome, run_s=time.monotonic() - started, queue_wait_s=first_wait,
                                steps=reporter.step if outcome.status == SUCCEEDED else 0)

@@ -75,6 +75,12 @@ class Settings:
                                 low=0)
     max_attempts: int = _setting("INPAINT_MAX_ATTEMPTS", 5, "starts of one job, retries and redeliveries after a "
                                                            "lost worker included, before it fails for good", low=1)
+    lease_s: float = _setting("INPAINT_LEASE_S", 30.0, "a running job's lease: a job whose worker stopped renewing "
+                                                       "it this long is sent to another worker", low=1.0)
+    heartbeat_s: float = _setting("INPAINT_HEARTBEAT_S", 10.0, "how often the running job's lease is renewed "
+                                                               "(under half of INPAINT_LEASE_S)", low=0.05)
+    watchdog_interval_s: float = _setting("INPAINT_WATCHDOG_INTERVAL_S", 10.0, "how often each worker looks for "
+                                                                              "expired leases", low=0.05)
     retry_backoff_s: float = _setting("INPAINT_RETRY_BACKOFF_S", 2.0, "first retry delay, doubled each retry",
                                       low=0.0)
     retry_backoff_max_s: float = _setting("INPAINT_RETRY_BACKOFF_MAX_S", 60.0, "longest retry delay", low=0.0)
@@ -89,6 +95,9 @@ class Settings:
     metrics_port: int = _setting("INPAINT_METRICS_PORT", 0, "port of /metrics, /ready, /healthz (0 = off); "
                                                             "worker process i serves on this port + i", low=0,
                                  high=65535)
+    warmup: str = _setting("INPAINT_WARMUP", "", "job shapes to run once at start-up (CUDA graphs captured, kernels "
+                                                 "tuned), comma-separated WIDTHxHEIGHT:STEPS[:SCHEDULER[:BATCH]], e.g. "
+                                                 "512x512:50:pndm (empty = none)")
     log_level: str = _setting("INPAINT_LOG_LEVEL", "INFO", "worker log level",
                               choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
@@ -98,6 +107,10 @@ class Settings:
         if self.time_limit_s <= self.soft_time_limit_s:
             raise ValueError(f"INPAINT_TIME_LIMIT_S={self.time_limit_s}: must exceed INPAINT_SOFT_TIME_LIMIT_S="
                              f"{self.soft_time_limit_s}, so the job can report its timeout before it is killed")
+        self.warmup_shapes  # parse now: a malformed INPAINT_WARMUP fails at start-up, naming the entry
+        if self.heartbeat_s * 2 > self.lease_s:
+            raise ValueError(f"INPAINT_HEARTBEAT_S={self.heartbeat_s}: must be at most half of INPAINT_LEASE_S="
+                             f"{self.lease_s}, so one late heartbeat does not lose a live job")
         if self.max_attempts <= self.max_retries:
             raise ValueError(f"INPAINT_MAX_ATTEMPTS={self.max_attempts}: must exceed INPAINT_MAX_RETRIES="
                              f"{self.max_retries}, or the last retry could never start")
@@ -147,6 +160,11 @@ class Settings:
                              max_prompt_chars=self.max_prompt_chars)
 
     @property
+    def warmup_shapes(self) -> list[dict]:
+        """INPAINT_WARMUP as keyword arguments of InpaintPipeline.warmup."""
+        return [_warmup_shape(entry.strip()) for entry in self.warmup.split(",") if entry.strip()]
+
+    @property
     def visibility_timeout_s(self) -> int:
         # A Redis message unacknowledged this long is delivered again: it must outlast the longest run (the hard
         # limit) plus the longest retry countdown, or a healthy job would run twice.
@@ -179,3 +197,22 @@ def _check(item, value) -> None:
     low, high = meta["low"], meta["high"]
     if (low is not None and value < low) or (high is not None and value > high):
         raise ValueError(f"{variable}={value}: outside [{low}, {'inf' if high is None else high}]")
+
+
+def _warmup_shape(entry: str) -> dict:
+    parts = entry.split(":")
+    try:
+        width, height = (int(v) for v in parts[0].lower().split("x"))
+        shape = {"width": width, "height": height, "num_inference_steps": int(parts[1])}
+        if len(parts) > 2 and parts[2]:
+            shape["scheduler"] = parts[2]
+        if len(parts) > 3:
+            shape["batch"] = int(parts[3])
+    except (ValueError, IndexError):
+        raise ValueError(f"INPAINT_WARMUP entry {entry!r}: expected WIDTHxHEIGHT:STEPS[:SCHEDULER[:BATCH]], "
+                         "e.g. 512x512:50:pndm") from None
+    if len(parts) > 4 or min(width, height, shape["num_inference_steps"], shape.get("batch", 1)) < 1:
+        raise ValueError(f"INPAINT_WARMUP entry {entry!r}: sizes, steps and batch must be positive integers")
+    if shape.get("scheduler", schema.SCHEDULERS[0]) not in schema.SCHEDULERS:
+        raise ValueError(f"INPAINT_WARMUP entry {entry!r}: scheduler must be one of {', '.join(schema.SCHEDULERS)}")
+    return shape

@@ -12,7 +12,7 @@ from celery import signals
 from celery.exceptions import TimeLimitExceeded
 
 from api_client import schema
-from worker import jobs, metrics
+from worker import jobs, lease, metrics
 from worker.app import app, settings
 from worker.events import JobStore
 from worker.storage import Storage
@@ -43,6 +43,9 @@ def run(self, job: dict) -> dict:
     metrics.record_job(outcome.status, outcome.queue_wait_s, outcome.run_s, outcome.steps, outcome.images,
                        outcome.denoise_s)
     if outcome.status == jobs.RETRY:
+        # No watchdog sends the job again during the countdown; if the worker holding the retry dies, one does
+        # a lease later.
+        lease.watch_again_after(runtime().store.redis, job["job_id"], delay + settings.lease_s)
         raise self.retry(countdown=delay, max_retries=settings.max_retries)
     return outcome.summary()
 
@@ -53,14 +56,30 @@ def _start_process(**kwargs) -> None:
     can run jobs. A failed load is only logged: each job tries again and fails with model_unavailable."""
     log.info("worker settings", extra={"settings": settings.redacted()})
     _serve_metrics()
+    _start_watchdog()
     started = time.monotonic()
     try:
-        runtime().pipeline()
+        pipeline = runtime().pipeline()
     except schema.JobError as error:
         log.error("model not loaded", extra={"code": error.code, "error": error.message})
         return
+    for shape in settings.warmup_shapes:
+        pipeline.warmup(**shape)
+        log.info("warmed up", extra=shape)
     metrics.set_ready(True)
     log.info("model ready", extra={"model": settings.model, "load_s": round(time.monotonic() - started, 3)})
+
+
+def _start_watchdog() -> None:
+    store = runtime().store
+    lease.Watchdog(store.redis, _dispatch, settings.watchdog_interval_s, grace_s=settings.lease_s,
+                   ttl_s=settings.state_ttl_s, events_maxlen=settings.events_maxlen).start()
+
+
+def _dispatch(job: dict) -> None:
+    """Send a job whose lease expired to the queue again, as the client sends it."""
+    app.send_task(schema.TASK_NAME, args=[job], task_id=job["job_id"], queue=settings.queue,
+                  priority=job.get("priority"), serializer="json")
 
 
 def _serve_metrics() -> None:

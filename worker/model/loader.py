@@ -21,7 +21,7 @@ from worker.model.text import TextEncoder
 from worker.model.unet import UNet2DConditionModel, UNetConfig
 from worker.model.vae import AutoencoderKL, VAEConfig
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("inpaint.loader")
 
 WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")

@@ -1,0 +1,195 @@
+"""Leases on running jobs: a heartbeat keeps the running attempt's lease alive, a watchdog re-dispatches jobs whose
+lease expired (their worker was killed, ran out of memory or lost its node).
+
+Celery's Redis transport delivers an unacknowledged message again only after the visibility timeout (longer than
+the longest run), so a lost worker's job would wait that long. Instead, as Dramatiq does with worker heartbeats:
+
+- the attempt that claimed a job (worker.events) renews `lease_until` in the job's hash every `heartbeat_s`, and
+  files the job in the sorted set `inpaint:leases` (score: lease_until);
+- every worker runs a watchdog that looks in that set for leases that passed, and sends the job (its JSON is kept
+  in the hash) to the queue again. The new delivery's claim starts attempt n + 1 (or fails the job once it started
+  `max_attempts` times); a delivery that finds the job final, or leased by a live attempt, drops itself.
+
+Each check-and-write is one Lua script, so two watchdogs never both re-dispatch the same expiry, and a heartbeat
+of an attempt that lost the job never revives it. Lease times are wall-clock seconds (time.time()): the workers'
+clocks must agree to well within a lease (NTP).
+"""
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import redis
+
+from api_client import schema
+
+__all__ = ["LEASES_KEY", "renew", "watch_again_after", "expired_jobs", "redispatch_expired", "Heartbeat", "Watchdog"]
+
+log = logging.getLogger("inpaint.lease")
+
+LEASES_KEY = "inpaint:leases"
+
+# KEYS: job hash, leases set. ARGV: job_id, attempt, lease_until. Only the attempt that owns the running job
+# renews; for any other the job is left alone (a newer attempt keeps its own lease).
+_RENEW = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return 0
+end
+if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'lease_until', ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+return 1
+"""
+
+# KEYS: job hash, leases set, job stream, shared stream. ARGV: job_id, now, grace seconds, ttl, shared stream cap.
+# Returns {'expired', job JSON} when this caller is to re-dispatch the job, else {outcome}. The job's score moves
+# `grace` seconds on, so other watchdogs leave it alone meanwhile; if this caller dies before sending it, the
+# next look after the grace sends it.
+_EXPIRE = """
+local job_id, now = ARGV[1], tonumber(ARGV[2])
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'running' then
+  redis.call('ZREM', KEYS[2], job_id)
+  return {'gone'}
+end
+local lease_until = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
+if lease_until > now then
+  redis.call('ZADD', KEYS[2], lease_until, job_id)
+  return {'live'}
+end
+local job = redis.call('HGET', KEYS[1], 'job')
+if not job then
+  redis.call('ZREM', KEYS[2], job_id)
+  return {'no_job'}
+end
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), job_id)
+local attempt = redis.call('HGET', KEYS[1], 'attempt') or '0'
+local data = '{"attempt": ' .. attempt .. ', "reason": "lease_expired", "worker": ' ..
+             cjson.encode(redis.call('HGET', KEYS[1], 'worker') or '') .. '}'
+local entry = {'job_id', job_id, 'type', 'retry', 'state', 'running',
+               'step', redis.call('HGET', KEYS[1], 'step') or '0',
+               'total_steps', redis.call('HGET', KEYS[1], 'total_steps') or '0', 'ts', ARGV[2], 'data', data}
+redis.call('XADD', KEYS[3], '*', unpack(entry))
+redis.call('EXPIRE', KEYS[3], tonumber(ARGV[4]))
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', unpack(entry))
+return {'expired', job}
+"""
+
+
+def renew(client: redis.Redis, job_id: str, attempt: int, lease_s: float, now: float | None = None) -> bool:
+    """Move the lease of `attempt` to now + lease_s; False when that attempt no longer owns a running job."""
+    lease_until = (time.time() if now is None else now) + lease_s
+    script = client.register_script(_RENEW)
+    return bool(script(keys=[schema.job_key(job_id), LEASES_KEY], args=[job_id, attempt, repr(lease_until)]))
+
+
+def watch_again_after(client: redis.Redis, job_id: str, seconds: float, now: float | None = None) -> None:
+    """Have the watchdogs look at the job only after `seconds`: a job given back for a retry has no lease (any
+    worker may claim the retry), yet must not be sent again before the retry's countdown is over."""
+    client.zadd(LEASES_KEY, {job_id: (time.time() if now is None else now) + seconds})
+
+
+def expired_jobs(client: redis.Redis, now: float | None = None, limit: int = 100) -> list[str]:
+    """Job ids whose lease (or re-dispatch grace) has passed: the candidates of redispatch_expired."""
+    now = time.time() if now is None else now
+    return list(client.zrangebyscore(LEASES_KEY, "-inf", repr(now), start=0, num=limit))
+
+
+def redispatch_expired(client: redis.Redis, dispatch: Callable[[dict], None], grace_s: float,
+                       ttl_s: int = schema.STATE_TTL_SECONDS, events_maxlen: int = schema.EVENTS_STREAM_MAXLEN,
+                       now: float | None = None) -> list[str]:
+    """Send every job whose lease expired to the queue again (`dispatch(job)`); the ids sent."""
+    now = time.time() if now is None else now
+    script = client.register_script(_EXPIRE)
+    sent = []
+    for job_id in expired_jobs(client, now):
+        keys = [schema.job_key(job_id), LEASES_KEY, schema.job_events_key(job_id), schema.EVENTS_STREAM]
+        reply = script(keys=keys, args=[job_id, repr(now), grace_s, ttl_s, events_maxlen])
+        if _text(reply[0]) != "expired":
+            continue
+        log.warning("lease expired, job sent again", extra={"job_id": job_id})
+        dispatch(json.loads(_text(reply[1])))
+        sent.append(job_id)
+    return sent
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class _Ticker:
+    """Calls `tick()` every `interval_s` on a daemon thread until stop() or until it returns False; errors are
+    logged, not raised, so an outage only delays the next tick."""
+
+    def __init__(self, name: str, interval_s: float, tick: Callable[[], bool | None]):
+        self.interval_s, self._tick = interval_s, tick
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                if self._tick() is False:
+                    return
+            except Exception:   # Redis or the broker away: a dead thread would stop leases for good; try again
+                log.exception(f"{self._thread.name} failed")
+            if self._stopped.wait(self.interval_s):
+                return
+
+
+@dataclass
+class Heartbeat:
+    """`with Heartbeat(...)`: renews the attempt's lease now and every `interval_s` while the block runs.
+    `lost` turns True when another attempt took the job over (this one's writes are refused from then on)."""
+    client: redis.Redis
+    job_id: str
+    attempt: int
+    lease_s: float
+    interval_s: float
+    lost: bool = False
+
+    def beat(self) -> bool:
+        if renew(self.client, self.job_id, self.attempt, self.lease_s):
+            return True
+        self.lost = True
+        log.warning("lease lost", extra={"job_id": self.job_id, "attempt": self.attempt})
+        return False
+
+    def __enter__(self) -> "Heartbeat":
+        self._ticker = _Ticker(f"heartbeat-{self.job_id}", self.interval_s, self.beat).start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._ticker.stop()
+
+
+class Watchdog:
+    """A daemon thread in each worker process: every `interval_s`, re-dispatches the jobs whose lease expired."""
+
+    def __init__(self, client: redis.Redis, dispatch: Callable[[dict], None], interval_s: float, grace_s: float,
+                 ttl_s: int = schema.STATE_TTL_SECONDS, events_maxlen: int = schema.EVENTS_STREAM_MAXLEN):
+        self.client, self.dispatch, self.grace_s = client, dispatch, grace_s
+        self.ttl_s, self.events_maxlen = ttl_s, events_maxlen
+        self._ticker = _Ticker("lease-watchdog", interval_s, self.tick)
+
+    def tick(self) -> None:
+        redispatch_expired(self.client, self.dispatch, self.grace_s, self.ttl_s, self.events_maxlen)
+
+    def start(self) -> "Watchdog":
+        self._ticker.start()
+        return self
+
+    def stop(self) -> None:
+        self._ticker.stop()
