@@ -29,9 +29,8 @@ class _Request:
     seeds: list[int]               # one per image
     height: int
     width: int
-    steps: int
-    begin: int                     # first index into the scheduler's timesteps (strength < 1 starts later)
-    scheduler: str
+    begin: int                     # first index into the sampler's timesteps (strength < 1 starts later)
+    sampler: object                # worker.schedulers.Sampler, tables on the model's device
 
 
 class InpaintPipeline:
@@ -102,11 +101,11 @@ class InpaintPipeline:
         if kept < 1:
             raise ValueError(f"strength: {strength} keeps {kept} of {steps} steps; raise strength or "
                              "num_inference_steps so that at least one step runs")
-        order = make_sampler(scheduler, self.scheduler_config, steps, "cpu").order
+        sampler = make_sampler(scheduler, self.scheduler_config, steps, self.device)
         return _Request(prompts=[p for p in prompts for _ in range(per_prompt)],
                         negative_prompts=[n for n in negatives for _ in range(per_prompt)],
-                        seeds=_seeds(seed, len(prompts), per_prompt), height=height, width=width, steps=steps,
-                        begin=(steps - kept) * order, scheduler=scheduler)
+                        seeds=_seeds(seed, len(prompts), per_prompt), height=height, width=width,
+                        begin=(steps - kept) * sampler.order, sampler=sampler)
 
     def _size(self, image: Image.Image, height, width) -> tuple[int, int]:
         for name, value in (("height", height), ("width", width)):
@@ -122,7 +121,7 @@ class InpaintPipeline:
 
     def _denoise(self, req: _Request, image: Image.Image, mask: Image.Image, crop, guidance: float,
                  callback) -> torch.Tensor:
-        sampler = make_sampler(req.scheduler, self.scheduler_config, req.steps, self.device)
+        sampler = req.sampler
         generators = [torch.Generator("cpu").manual_seed(s) for s in req.seeds]
         batch, guided = len(req.seeds), guidance > 1.0
         pixels = imaging.image_to_tensor(image, req.height, req.width, crop)

@@ -80,6 +80,7 @@ class RestartableRedis:
 
     def close(self) -> None:
         self.stop()
+        shutil.copy(self.folder / "redis.log", "/tmp/rel-redis-debug.log")
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
