@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import redis
@@ -143,8 +144,11 @@ def _eight_bit(image: Image.Image) -> Image.Image:
 
 def load_inputs(job: schema.Job, storage: Storage, max_pixels: int) -> tuple[Image.Image, Image.Image]:
     """The job's image (RGB) and mask (L, white = repaint); the two must have the same size."""
-    image = decode_image("image", storage.read("image", *job.image_location), max_pixels).convert("RGB")
-    mask = decode_image("mask", storage.read("mask", *job.mask_location), max_pixels).convert("L")
+    with ThreadPoolExecutor(max_workers=2) as pool:  # the two GETs overlap: one round trip, not two
+        image_data = pool.submit(storage.read, "image", *job.image_location)
+        mask_data = pool.submit(storage.read, "mask", *job.mask_location)
+        image = decode_image("image", image_data.result(), max_pixels).convert("RGB")
+        mask = decode_image("mask", mask_data.result(), max_pixels).convert("L")
     if mask.size != image.size:
         raise schema.JobError(schema.INVALID_INPUT, f"mask: size {mask.width}x{mask.height} differs from the "
                                                     f"image's {image.width}x{image.height}")
