@@ -6,13 +6,16 @@ the longest run), so a lost worker's job would wait that long. Instead, as Drama
 
 - the attempt that claimed a job (worker.events) renews `lease_until` in the job's hash every `heartbeat_s`, and
   files the job in the sorted set `inpaint:leases` (score: lease_until);
-- every worker runs a watchdog that looks in that set for leases that passed, and sends the job (its JSON is kept
-  in the hash) to the queue again. The new delivery's claim starts attempt n + 1 (or fails the job once it started
-  `max_attempts` times); a delivery that finds the job final, or leased by a live attempt, drops itself.
+- every worker runs a watchdog that looks in that set for leases that passed, takes the job out of the set and
+  sends it (its JSON is kept in the hash) to the queue again, once per expired attempt. The new delivery's claim
+  starts attempt n + 1 (or fails the job once it started `max_attempts` times); a delivery that finds the job
+  final, or leased by a live attempt, drops itself.
 
 Each check-and-write is one Lua script, so two watchdogs never both re-dispatch the same expiry, and a heartbeat
-of an attempt that lost the job never revives it. Lease times are wall-clock seconds (time.time()): the workers'
-clocks must agree to well within a lease (NTP).
+of an attempt that lost the job never revives it. A copy is sent once, not again and again while it waits behind a
+backlog; if its sender dies before sending, the dead worker's own message still comes back after Celery's
+visibility timeout. Lease times are wall-clock seconds (time.time()): the workers' clocks must agree to well
+within a lease (NTP).
 """
 import json
 import logging
@@ -25,31 +28,34 @@ import redis
 
 from api_client import schema
 
-__all__ = ["LEASES_KEY", "renew", "watch_again_after", "expired_jobs", "redispatch_expired", "Heartbeat", "Watchdog"]
+__all__ = ["LEASES_KEY", "renew", "forget", "expired_jobs", "redispatch_expired", "Heartbeat", "Watchdog"]
 
 log = logging.getLogger("inpaint.lease")
 
 LEASES_KEY = "inpaint:leases"
 
 # KEYS: job hash, leases set. ARGV: job_id, attempt, lease_until. Only the attempt that owns the running job
-# renews; for any other the job is left alone (a newer attempt keeps its own lease).
+# renews; for any other the job is left alone (a newer attempt keeps its own lease). A lease given up for a
+# retry (lease_until 0) stays given up.
 _RENEW = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'running' then
   redis.call('ZREM', KEYS[2], ARGV[1])
   return 0
 end
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[2] then return 0 end
+if redis.call('HGET', KEYS[1], 'lease_until') == '0' then return 0 end
 redis.call('HSET', KEYS[1], 'lease_until', ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 return 1
 """
 
-# KEYS: job hash, leases set, job stream, shared stream. ARGV: job_id, now, grace seconds, ttl, shared stream cap.
-# Returns {'expired', job JSON} when this caller is to re-dispatch the job, else {outcome}. The job's score moves
-# `grace` seconds on, so other watchdogs leave it alone meanwhile; if this caller dies before sending it, the
-# next look after the grace sends it.
+# KEYS: job hash, leases set, job stream, shared stream. ARGV: job_id, now, ttl, shared stream cap. Returns
+# {'expired', job JSON} when this caller is to re-dispatch the job (it has left the set, so no other watchdog
+# sends it too), else {outcome}.
 _EXPIRE = """
 local job_id, now = ARGV[1], tonumber(ARGV[2])
+local score = redis.call('ZSCORE', KEYS[2], job_id)
+if not score or tonumber(score) > now then return {'taken'} end
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'running' then
   redis.call('ZREM', KEYS[2], job_id)
@@ -65,7 +71,7 @@ if not job then
   redis.call('ZREM', KEYS[2], job_id)
   return {'no_job'}
 end
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), job_id)
+redis.call('ZREM', KEYS[2], job_id)
 local attempt = redis.call('HGET', KEYS[1], 'attempt') or '0'
 local data = '{"attempt": ' .. attempt .. ', "reason": "lease_expired", "worker": ' ..
              cjson.encode(redis.call('HGET', KEYS[1], 'worker') or '') .. '}'
@@ -73,8 +79,8 @@ local entry = {'job_id', job_id, 'type', 'retry', 'state', 'running',
                'step', redis.call('HGET', KEYS[1], 'step') or '0',
                'total_steps', redis.call('HGET', KEYS[1], 'total_steps') or '0', 'ts', ARGV[2], 'data', data}
 redis.call('XADD', KEYS[3], '*', unpack(entry))
-redis.call('EXPIRE', KEYS[3], tonumber(ARGV[4]))
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', unpack(entry))
+redis.call('EXPIRE', KEYS[3], tonumber(ARGV[3]))
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', unpack(entry))
 return {'expired', job}
 """
 
@@ -86,32 +92,36 @@ def renew(client: redis.Redis, job_id: str, attempt: int, lease_s: float, now: f
     return bool(script(keys=[schema.job_key(job_id), LEASES_KEY], args=[job_id, attempt, repr(lease_until)]))
 
 
-def watch_again_after(client: redis.Redis, job_id: str, seconds: float, now: float | None = None) -> None:
-    """Have the watchdogs look at the job only after `seconds`: a job given back for a retry has no lease (any
-    worker may claim the retry), yet must not be sent again before the retry's countdown is over."""
-    client.zadd(LEASES_KEY, {job_id: (time.time() if now is None else now) + seconds})
+def forget(client: redis.Redis, job_id: str) -> None:
+    """Stop watching the job: it was given back for a retry, whose message waits in the queue (for as long as the
+    backlog ahead of it lasts). A second copy from a watchdog would only burn an attempt."""
+    client.zrem(LEASES_KEY, job_id)
 
 
 def expired_jobs(client: redis.Redis, now: float | None = None, limit: int = 100) -> list[str]:
-    """Job ids whose lease (or re-dispatch grace) has passed: the candidates of redispatch_expired."""
+    """Job ids whose lease has passed: the candidates of redispatch_expired."""
     now = time.time() if now is None else now
     return list(client.zrangebyscore(LEASES_KEY, "-inf", repr(now), start=0, num=limit))
 
 
-def redispatch_expired(client: redis.Redis, dispatch: Callable[[dict], None], grace_s: float,
+def redispatch_expired(client: redis.Redis, dispatch: Callable[[dict], None],
                        ttl_s: int = schema.STATE_TTL_SECONDS, events_maxlen: int = schema.EVENTS_STREAM_MAXLEN,
                        now: float | None = None) -> list[str]:
-    """Send every job whose lease expired to the queue again (`dispatch(job)`); the ids sent."""
+    """Send every job whose lease expired to the queue again (`dispatch(job)`), once; the ids sent."""
     now = time.time() if now is None else now
     script = client.register_script(_EXPIRE)
     sent = []
     for job_id in expired_jobs(client, now):
         keys = [schema.job_key(job_id), LEASES_KEY, schema.job_events_key(job_id), schema.EVENTS_STREAM]
-        reply = script(keys=keys, args=[job_id, repr(now), grace_s, ttl_s, events_maxlen])
+        reply = script(keys=keys, args=[job_id, repr(now), ttl_s, events_maxlen])
         if _text(reply[0]) != "expired":
             continue
         log.warning("lease expired, job sent again", extra={"job_id": job_id})
-        dispatch(json.loads(_text(reply[1])))
+        try:
+            dispatch(json.loads(_text(reply[1])))
+        except Exception:
+            client.zadd(LEASES_KEY, {job_id: now})   # not sent: the next look tries again
+            raise
         sent.append(job_id)
     return sent
 
@@ -164,7 +174,7 @@ class Heartbeat:
         if renew(self.client, self.job_id, self.attempt, self.lease_s):
             return True
         self.lost = True
-        log.warning("lease lost", extra={"job_id": self.job_id, "attempt": self.attempt})
+        log.info("lease no longer held", extra={"job_id": self.job_id, "attempt": self.attempt})
         return False
 
     def __enter__(self) -> "Heartbeat":
@@ -178,14 +188,14 @@ class Heartbeat:
 class Watchdog:
     """A daemon thread in each worker process: every `interval_s`, re-dispatches the jobs whose lease expired."""
 
-    def __init__(self, client: redis.Redis, dispatch: Callable[[dict], None], interval_s: float, grace_s: float,
+    def __init__(self, client: redis.Redis, dispatch: Callable[[dict], None], interval_s: float,
                  ttl_s: int = schema.STATE_TTL_SECONDS, events_maxlen: int = schema.EVENTS_STREAM_MAXLEN):
-        self.client, self.dispatch, self.grace_s = client, dispatch, grace_s
+        self.client, self.dispatch = client, dispatch
         self.ttl_s, self.events_maxlen = ttl_s, events_maxlen
         self._ticker = _Ticker("lease-watchdog", interval_s, self.tick)
 
     def tick(self) -> None:
-        redispatch_expired(self.client, self.dispatch, self.grace_s, self.ttl_s, self.events_maxlen)
+        redispatch_expired(self.client, self.dispatch, self.ttl_s, self.events_maxlen)
 
     def start(self) -> "Watchdog":
         self._ticker.start()

@@ -43,10 +43,12 @@ def run(self, job: dict) -> dict:
     metrics.record_job(outcome.status, outcome.queue_wait_s, outcome.run_s, outcome.steps, outcome.images,
                        outcome.denoise_s)
     if outcome.status == jobs.RETRY:
-        # No watchdog sends the job again during the countdown; if the worker holding the retry dies, one does
-        # a lease later.
-        lease.watch_again_after(runtime().store.redis, job["job_id"], delay + settings.lease_s)
-        raise self.retry(countdown=delay, max_retries=settings.max_retries)
+        # The retry's message carries the job on; a watchdog must not send a second copy meanwhile.
+        lease.forget(runtime().store.redis, job["job_id"])
+        # The backoff is waited out here rather than as a countdown: a worker whose storage is away takes no new
+        # job meanwhile, instead of failing the whole backlog one job after another.
+        time.sleep(delay)
+        raise self.retry(countdown=0, max_retries=settings.max_retries)
     return outcome.summary()
 
 
@@ -72,14 +74,15 @@ def _start_process(**kwargs) -> None:
 
 def _start_watchdog() -> None:
     store = runtime().store
-    lease.Watchdog(store.redis, _dispatch, settings.watchdog_interval_s, grace_s=settings.lease_s,
-                   ttl_s=settings.state_ttl_s, events_maxlen=settings.events_maxlen).start()
+    lease.Watchdog(store.redis, _dispatch, settings.watchdog_interval_s, ttl_s=settings.state_ttl_s,
+                   events_maxlen=settings.events_maxlen).start()
 
 
 def _dispatch(job: dict) -> None:
-    """Send a job whose lease expired to the queue again, as the client sends it."""
-    app.send_task(schema.TASK_NAME, args=[job], task_id=job["job_id"], queue=settings.queue,
-                  priority=job.get("priority"), serializer="json")
+    """Send a job whose lease expired to the queue again, at the front (priority 0): it already waited its turn
+    once, and must not wait behind the whole backlog again."""
+    app.send_task(schema.TASK_NAME, args=[job], task_id=job["job_id"], queue=settings.queue, priority=0,
+                  serializer="json")
 
 
 def _serve_metrics() -> None:

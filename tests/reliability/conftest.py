@@ -80,7 +80,6 @@ class RestartableRedis:
 
     def close(self) -> None:
         self.stop()
-        shutil.copy(self.folder / "redis.log", "/tmp/rel-redis-debug.log")
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
@@ -105,9 +104,20 @@ class Fleet:
                                          log_path=self.log_dir / f"worker-{uuid.uuid4().hex[:8]}.log")
                    for _ in range(count)]
         for worker in started:
-            devstack.wait_worker_ready(self.redis_url, worker, timeout=180)
+            self._wait_ready(worker)
         self.workers.extend(started)
         return started
+
+    def _wait_ready(self, worker, tries: int = 3) -> None:
+        # After a Redis restart the first ping may meet a connection the server closed; that is not the worker's
+        # failure, so ask again.
+        for attempt in range(tries):
+            try:
+                devstack.wait_worker_ready(self.redis_url, worker, timeout=180)
+                return
+            except redis.ConnectionError:
+                if attempt == tries - 1:
+                    raise
 
     def live_workers(self) -> list:
         return [worker for worker in self.workers if worker.poll() is None]
@@ -142,8 +152,9 @@ class Fleet:
                 "output": {"bucket": BUCKET, "prefix": f"jobs/{job_id}/", "format": "png"}, **fields}
 
     def submit(self, steps: int = 2, **options) -> str:
+        options = {"scheduler": "ddim", "seed": 7, **options}
         return self.client.submit(sample_image(), sample_mask(), "a red square", num_inference_steps=steps,
-                                  scheduler="ddim", seed=7, **options)
+                                  **options)
 
     def send_raw(self, job: dict) -> str:
         self.celery.send_task(schema.TASK_NAME, args=[job], task_id=str(job.get("job_id")), queue="inpaint",

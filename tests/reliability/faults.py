@@ -15,6 +15,7 @@ class CuttableProxy:
     def __init__(self, target_port: int, port: int = 0):
         self.target_port = target_port
         self._lock = threading.Lock()
+        self._switch = threading.Lock()   # cut() and restore() one at a time (a timer may restore too)
         self._connections: set[socket.socket] = set()
         self._listener = self._listen(port)
         self.cut_now = False
@@ -66,17 +67,25 @@ class CuttableProxy:
         sock.close()
 
     def cut(self) -> None:
-        self.cut_now = True
-        self._listener.close()
-        with self._lock:
-            open_now = list(self._connections)
-        for sock in open_now:
-            self._drop(sock)
+        with self._switch:
+            self.cut_now = True
+            # shutdown() first: a bare close() does not wake the accept() blocked in another thread, and the
+            # socket would go on listening.
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._listener.close()
+            with self._lock:
+                open_now = list(self._connections)
+            for sock in open_now:
+                self._drop(sock)
 
     def restore(self) -> None:
-        if self.cut_now:
-            self._listener = self._listen(self.port)
-            self.cut_now = False
+        with self._switch:
+            if self.cut_now:
+                self._listener = self._listen(self.port)
+                self.cut_now = False
 
     def cut_for(self, seconds: float) -> None:
         """Cut now and restore after `seconds`, on a background thread."""

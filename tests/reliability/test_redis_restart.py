@@ -5,12 +5,12 @@ import time
 from api_client import schema
 from tests.reliability.conftest import FLEET_SIZE
 
-JOBS = 6
+JOBS = 4
 
 
 def test_every_job_completes_across_a_redis_restart(healthy_fleet):
     fleet = healthy_fleet
-    job_ids = [fleet.submit(steps=8) for _ in range(JOBS)]
+    job_ids = [fleet.submit(steps=6) for _ in range(JOBS)]
     fleet.wait_running(job_ids[0], min_step=1)   # some run, the rest wait in the queue
 
     fleet.redis_server.stop()

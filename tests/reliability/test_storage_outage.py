@@ -6,7 +6,7 @@ import time
 from PIL import Image
 
 from api_client import schema
-from tests.reliability.conftest import BUCKET, sample_image, sample_mask
+from tests.reliability.conftest import BUCKET
 from worker import devstack, jobs
 from worker.events import JobStore
 from worker.settings import Settings
