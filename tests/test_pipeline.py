@@ -92,6 +92,9 @@ def test_callback_reports_every_step_and_can_cancel(pipe, scene):
     seen = []
     _run(pipe, scene, num_inference_steps=4, scheduler="ddim", callback=lambda step, total: seen.append((step, total)))
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    seen.clear()  # PNDM runs one UNet call more than the steps asked for; progress still counts to 4
+    _run(pipe, scene, num_inference_steps=4, scheduler="pndm", callback=lambda step, total: seen.append((step, total)))
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4), (4, 4)]
     calls = []
     with pytest.raises(InpaintCancelled):
         _run(pipe, scene, num_inference_steps=4, callback=lambda step, total: calls.append(step) or step < 2)
@@ -136,3 +139,14 @@ def test_bad_images_are_refused(pipe, scene):
         pipe(42, image, mask)
     with pytest.raises(ValueError, match="padding_mask_crop needs a mask"):
         pipe("x", image, Image.new("L", image.size, 0), padding_mask_crop=4, num_inference_steps=2)
+
+
+def test_a_blurred_paste_back_around_a_crop_keeps_the_original_outside_the_box(pipe):
+    # The blur reaches past the crop box: there the result must be the original, never black.
+    image = Image.new("RGB", (48, 40), (200, 200, 200))
+    mask = Image.new("L", image.size, 0)
+    ImageDraw.Draw(mask).rectangle((20, 16, 28, 24), fill=255)
+    out = _array(pipe("x", image, mask, num_inference_steps=2, seed=0, padding_mask_crop=0, mask_blur=6)[0])
+    outside = np.ones(out.shape[:2], dtype=bool)
+    outside[16:25, 20:30] = False  # the crop box: the mask's bounding box, padding 0
+    assert np.abs(out[outside] - 200).max() <= 2  # premultiplied-alpha rounding only

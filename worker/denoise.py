@@ -176,6 +176,13 @@ class DenoiseRunner:
 
     def run(self, sampler, inputs: DenoiseInputs, begin: int, callback=None) -> torch.Tensor:
         """Denoise from table index `begin` to the end; returns the final latents (a fresh tensor)."""
+        device = inputs.latents.device
+        if device.type != "cuda":
+            return self._run(sampler, inputs, begin, callback)
+        with torch.cuda.device(device):  # streams, graphs and events act on the current device: make it this one
+            return self._run(sampler, inputs, begin, callback)
+
+    def _run(self, sampler, inputs: DenoiseInputs, begin: int, callback) -> torch.Tensor:
         sampler.reset(inputs.latents, begin)
         key = graph_key(sampler, inputs)
         if self.uses_graphs(inputs.latents.device) and key not in self._failed_keys:

@@ -113,10 +113,11 @@ def paste_back(original: Image.Image, generated: Image.Image, mask: Image.Image,
     keep = Image.new("RGBa", (width, height))
     keep.paste(original.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))
     if crop is not None:
+        # The original around the box, not black: a blurred mask can reach past the box's edge.
         x1, y1, x2, y2 = crop
-        canvas = Image.new("RGBA", (width, height))
+        canvas = original.copy()
         canvas.paste(_resize_and_crop(generated, x2 - x1, y2 - y1), (x1, y1))
-        generated = canvas.convert("RGB")
+        generated = canvas
     elif generated.size != original.size:
         generated = generated.resize(original.size, resample=RESAMPLE)
     result = generated.convert("RGBA")

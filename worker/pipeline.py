@@ -16,9 +16,13 @@ from worker.denoise import DenoiseInputs, DenoiseRunner, InpaintCancelled
 from worker.model.loader import ModelComponents, load_components
 from worker.schedulers import SCHEDULERS, make_sampler, scheduler_name_for_config
 
-__all__ = ["InpaintPipeline", "InpaintCancelled", "SCHEDULERS"]
+__all__ = ["InpaintPipeline", "InpaintCancelled", "InpaintArgumentError", "SCHEDULERS"]
 
 MAX_SEED = 2**63 - 1
+
+
+class InpaintArgumentError(ValueError):
+    """A call argument out of range or of the wrong kind; the message names the argument."""
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ class _Request:
     height: int
     width: int
     begin: int                     # first index into the sampler's timesteps (strength < 1 starts later)
+    steps_to_run: int              # the steps the caller sees in progress: int(num_inference_steps * strength)
     sampler: object                # worker.schedulers.Sampler, tables on the model's device
 
 
@@ -70,7 +75,10 @@ class InpaintPipeline:
         crop = None
         if padding_mask_crop is not None:
             _check_int("padding_mask_crop", padding_mask_crop, low=0)
-            crop = imaging.mask_crop_region(mask, request.width, request.height, padding_mask_crop)
+            try:
+                crop = imaging.mask_crop_region(mask, request.width, request.height, padding_mask_crop)
+            except ValueError as error:
+                raise InpaintArgumentError(str(error)) from None
         rgb = image.convert("RGB")
         latents = self._denoise(request, rgb, mask, crop, float(guidance_scale), callback)
         images = imaging.tensor_to_images(self.vae.decode(latents / self.vae.config.scaling_factor).float())
@@ -87,35 +95,35 @@ class InpaintPipeline:
         if len(negatives) == 1 < len(prompts):
             negatives = negatives * len(prompts)
         if len(negatives) != len(prompts):
-            raise ValueError(f"negative_prompt: expected 1 or {len(prompts)} entries (one per prompt), "
+            raise InpaintArgumentError(f"negative_prompt: expected 1 or {len(prompts)} entries (one per prompt), "
                              f"got {len(negatives)}")
         _check_int("num_inference_steps", steps, low=1)
         _check_int("num_images_per_prompt", per_prompt, low=1)
         _check_number("strength", strength, low=0.0, high=1.0, low_open=True)
         scheduler = scheduler or self.default_scheduler
         if scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler: {scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+            raise InpaintArgumentError(f"scheduler: {scheduler!r} is not one of {', '.join(SCHEDULERS)}")
         height, width = self._size(image, height, width)
         # diffusers' get_timesteps: strength keeps the last int(steps * strength) steps.
         kept = min(int(steps * strength), steps)
         if kept < 1:
-            raise ValueError(f"strength: {strength} keeps {kept} of {steps} steps; raise strength or "
+            raise InpaintArgumentError(f"strength: {strength} keeps {kept} of {steps} steps; raise strength or "
                              "num_inference_steps so that at least one step runs")
         sampler = make_sampler(scheduler, self.scheduler_config, steps, self.device)
         return _Request(prompts=[p for p in prompts for _ in range(per_prompt)],
                         negative_prompts=[n for n in negatives for _ in range(per_prompt)],
                         seeds=_seeds(seed, len(prompts), per_prompt), height=height, width=width,
-                        begin=(steps - kept) * sampler.order, sampler=sampler)
+                        begin=(steps - kept) * sampler.order, steps_to_run=kept, sampler=sampler)
 
     def _size(self, image: Image.Image, height, width) -> tuple[int, int]:
         for name, value in (("height", height), ("width", width)):
             if value is not None:
                 _check_int(name, value, low=self.size_multiple)
                 if value % self.size_multiple:
-                    raise ValueError(f"{name}: {value} is not a multiple of {self.size_multiple}")
+                    raise InpaintArgumentError(f"{name}: {value} is not a multiple of {self.size_multiple}")
         height, width = imaging.default_size(image, height, width, self.size_multiple)
         if height < self.size_multiple or width < self.size_multiple:
-            raise ValueError(f"image: {image.width}x{image.height} is smaller than the model's minimum "
+            raise InpaintArgumentError(f"image: {image.width}x{image.height} is smaller than the model's minimum "
                              f"{self.size_multiple}x{self.size_multiple}")
         return height, width
 
@@ -157,7 +165,7 @@ class InpaintPipeline:
         inputs = DenoiseInputs(
             latents=latents, text=text, condition=condition, guidance_scale=guidance, step_noise=step_noise,
             blend=(image_latents, noise, mask_latents.expand(batch, -1, -1, -1)) if four_channel else None)
-        return self.runner.run(sampler, inputs, req.begin, callback)
+        return self.runner.run(sampler, inputs, req.begin, _as_user_steps(callback, req.steps_to_run))
 
     def _encode(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Sample the VAE's latent distribution with `generator`, scaled as the UNet expects."""
@@ -195,10 +203,17 @@ class InpaintPipeline:
              num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=0)
 
 
+def _as_user_steps(callback, steps: int):
+    """Progress in the caller's steps: PNDM makes one UNet call more than asked for; diffusers counts the same way."""
+    if callback is None:
+        return None
+    return lambda done, total: callback(min(done, steps), steps)
+
+
 def _as_prompt_list(name: str, value) -> list[str]:
     values = [value] if isinstance(value, str) else value
     if not isinstance(values, (list, tuple)) or not values or not all(isinstance(v, str) for v in values):
-        raise ValueError(f"{name}: expected a string or a non-empty list of strings, got {type(value).__name__}")
+        raise InpaintArgumentError(f"{name}: expected a string or a non-empty list of strings, got {type(value).__name__}")
     return list(values)
 
 
@@ -208,7 +223,7 @@ def _seeds(seed, prompts: int, per_prompt: int) -> list[int]:
         seed = secrets.randbelow(MAX_SEED - per_prompt)
     if isinstance(seed, (list, tuple)):
         if len(seed) != prompts * per_prompt:
-            raise ValueError(f"seed: a list needs one seed per image ({prompts * per_prompt}), got {len(seed)}")
+            raise InpaintArgumentError(f"seed: a list needs one seed per image ({prompts * per_prompt}), got {len(seed)}")
         for s in seed:
             _check_int("seed", s, low=0, high=MAX_SEED)
         return list(seed)
@@ -219,25 +234,25 @@ def _seeds(seed, prompts: int, per_prompt: int) -> list[int]:
 def _check_images(image, mask) -> None:
     for name, value in (("image", image), ("mask", mask)):
         if not isinstance(value, Image.Image):
-            raise ValueError(f"{name}: expected a PIL image, got {type(value).__name__}")
+            raise InpaintArgumentError(f"{name}: expected a PIL image, got {type(value).__name__}")
         if value.width < 1 or value.height < 1:
-            raise ValueError(f"{name}: the image is empty ({value.width}x{value.height})")
+            raise InpaintArgumentError(f"{name}: the image is empty ({value.width}x{value.height})")
     if image.size != mask.size:
-        raise ValueError(f"mask: size {mask.width}x{mask.height} differs from the image's "
+        raise InpaintArgumentError(f"mask: size {mask.width}x{mask.height} differs from the image's "
                          f"{image.width}x{image.height}")
 
 
 def _check_int(name: str, value, low: int | None = None, high: int | None = None) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{name}: expected an integer, got {value!r}")
+        raise InpaintArgumentError(f"{name}: expected an integer, got {value!r}")
     if (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(f"{name}: {value} is outside [{low}, {high if high is not None else 'inf'}]")
+        raise InpaintArgumentError(f"{name}: {value} is outside [{low}, {high if high is not None else 'inf'}]")
 
 
 def _check_number(name: str, value, low: float, high: float | None = None, low_open: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+        raise InpaintArgumentError(f"{name}: expected a finite number, got {value!r}")
     too_low = value <= low if low_open else value < low
     if too_low or (high is not None and value > high):
         bounds = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}]"
-        raise ValueError(f"{name}: {value} is outside {bounds}")
+        raise InpaintArgumentError(f"{name}: {value} is outside {bounds}")
