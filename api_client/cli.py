@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError
+from PIL import UnidentifiedImageError
 from redis.exceptions import RedisError
 
 from api_client import schema
@@ -19,6 +20,8 @@ from api_client.client import EnqueueError, InpaintClient
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE = 0, 1, 2
 # The CLI's own error code for a Redis it cannot reach (the job codes of DESIGN §5 describe jobs, not clients).
 QUEUE_UNAVAILABLE = "queue_unavailable"
+# Likewise for a job id the state store does not know: never submitted, or its hash expired.
+JOB_NOT_FOUND = "job_not_found"
 BAR_WIDTH = 30
 
 # Job options shared by `submit` and `run`: (flag, job field, type, help). Unset options are left out, so the
@@ -42,6 +45,14 @@ class UsageError(Exception):
     """Bad command-line input found after parsing (exit code 2)."""
 
 
+class CommandFailed(Exception):
+    """The command could not do its work (exit code 1), with a job error code and a one-line message."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -50,6 +61,9 @@ def main(argv=None) -> int:
     except schema.JobError as error:
         _fail(args, error.code, error.message)
         return EXIT_USAGE
+    except CommandFailed as error:
+        _fail(args, error.code, error.message)
+        return EXIT_JOB_FAILED
     except (UsageError, ValueError) as error:
         _fail(args, schema.INVALID_INPUT, str(error))
         return EXIT_USAGE
@@ -144,17 +158,26 @@ def _submit(args) -> int:
 
 def _status(args) -> int:
     with InpaintClient.from_env() as client:
-        status = client.status(args.job_id)
+        status = _known_status(client, args.job_id)
     _print(args, asdict(status), _status_text(status, []))
     return _exit_code(status)
 
 
 def _watch(args) -> int:
     with InpaintClient.from_env() as client:
+        _known_status(client, args.job_id)
         _follow(args, client, args.job_id, None)
         status = client.status(args.job_id)
     _print(args, asdict(status), _status_text(status, []))
     return _exit_code(status)
+
+
+def _known_status(client: InpaintClient, job_id: str) -> schema.JobStatus:
+    """The job's status; CommandFailed when the store has no such job (unknown, or its hash expired)."""
+    status = client.status(job_id)
+    if status.state == schema.EXPIRED:
+        raise CommandFailed(JOB_NOT_FOUND, f"{job_id}: no such job (never submitted, or expired)")
+    return status
 
 
 def _cancel(args) -> int:
@@ -178,10 +201,16 @@ def _fetch(args) -> int:
 def _run(args) -> int:
     try:
         local_run = importlib.import_module("worker.local_run")
+        loader = importlib.import_module("worker.model.loader")
     except ImportError as error:
         raise UsageError(f"run: the in-process runner needs the worker extra (pip install 'inpaint-fleet[worker]'): "
                          f"{error}") from None
-    files = local_run.run_local(args)
+    try:
+        files = local_run.run_local(args)
+    except UnidentifiedImageError as error:  # PIL's error for an --image or --mask that is no image
+        raise UsageError(f"run: {error}") from None
+    except loader.ModelLoadError as error:
+        raise CommandFailed(error.code, f"run: {error}") from None
     _print(args, {"files": [str(f) for f in files]}, "\n".join(map(str, files)))
     return EXIT_OK
 

@@ -13,22 +13,21 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
-from urllib.parse import urlparse
 
-import boto3
 import redis
 import redis.asyncio
 from celery import Celery
 from PIL import Image, UnidentifiedImageError
 
 from api_client import schema
+from api_client.s3 import s3_client
+from api_client.schema import redact_url
 
 __all__ = ["InpaintClient", "AsyncInpaintClient", "ClientConfig", "EnqueueError"]
 
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 DEFAULT_QUEUE = "inpaint"
-# The input formats the workers decode (worker.jobs.INPUT_FORMATS, which the client may not import).
-INPUT_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
+INPUT_FORMATS = schema.INPUT_FORMATS
 # How long one blocking stream read waits before the client re-reads the job's hash (a job whose stream expired
 # or was trimmed still ends the iteration).
 EVENT_BLOCK_MS = 1000
@@ -119,7 +118,7 @@ class _ClientCore:
                  state_ttl_s: int = schema.STATE_TTL_SECONDS, events_maxlen: int = schema.EVENTS_STREAM_MAXLEN):
         self.config = ClientConfig(broker_url, state_url, s3_endpoint_url, bucket, queue, state_ttl_s,
                                    events_maxlen)
-        self._s3 = boto3.client("s3", endpoint_url=s3_endpoint_url)
+        self._s3 = s3_client(s3_endpoint_url)
         self._celery = _celery_app(broker_url)
         self._redis = self._redis_class.from_url(state_url or broker_url, decode_responses=True)
         self._create_queued = self._redis.register_script(CREATE_QUEUED_SCRIPT)
@@ -137,6 +136,8 @@ class _ClientCore:
         """The validated job and the input files to upload; raises ValueError before anything is sent."""
         options = dict(options)
         job_id = options.pop("job_id", None) or uuid.uuid4().hex
+        if "output" in options:  # the client picks the destination: its bucket, under jobs/<job_id>/
+            raise ValueError("submit() takes no output=; pass output_format=, and the client's bucket receives it")
         output_format = options.pop("output_format", "png")
         bucket = self._require_bucket()
         uploads, uris = [], {}
@@ -169,7 +170,7 @@ class _ClientCore:
                                    retry_policy=PUBLISH_RETRY_POLICY)
         except Exception as error:  # kombu raises many transport-specific types; the caller needs one
             raise EnqueueError(f"enqueue: could not send job {job['job_id']} to queue {self.config.queue!r} "
-                               f"on {_redacted(self.config.broker_url)}: {error}") from error
+                               f"on {redact_url(self.config.broker_url)}: {error}") from error
 
     def _revoke(self, job_id: str) -> None:
         self._celery.control.revoke(job_id)
@@ -434,10 +435,3 @@ def _int_variable(env, variable: str, default: int) -> int:
     except ValueError:
         raise ValueError(f"{variable}: expected an integer, got {value!r}") from None
 
-
-def _redacted(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    parsed = urlparse(url)
-    if parsed.password is None:
-        return url
-    return parsed._replace(netloc=parsed.netloc.replace(f":{parsed.password}@", ":***@")).geturl()

@@ -16,6 +16,8 @@ Public names:
   `queued_state_fields(job_dict)` (the hash a submit creates).
 - `SCHEDULERS`, `OUTPUT_FORMATS`, `CONTENT_TYPES`, `parse_s3_uri(name, uri) -> (bucket, key)`, `is_job_id(s)`;
   bounds `MAX_SEED` (image i uses seed + i, at most MAX_SEED), `MAX_PRIORITY`, `SIZE_MULTIPLE`.
+- `INPUT_FORMATS` (PIL format name -> extension, the images workers decode); `redact_url(url)` (password
+  masked, for messages and logs).
 """
 import json
 import math
@@ -23,6 +25,7 @@ import re
 import time
 import uuid
 from dataclasses import asdict, dataclass, fields
+from urllib.parse import urlparse
 
 TASK_NAME = "inpaint.run"
 EVENTS_STREAM = "inpaint:events"
@@ -340,3 +343,15 @@ def parse_event(entry_fields: dict) -> dict:
     return {"job_id": values.get("job_id", ""), "type": values.get("type", ""), "state": values.get("state", ""),
             "step": int(values.get("step") or 0), "total_steps": int(values.get("total_steps") or 0),
             "ts": float(values.get("ts") or 0.0), "data": json.loads(values.get("data") or "{}")}
+
+
+# The image formats workers decode, as PIL names them, with the file extension each is stored under.
+INPUT_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password masked, for messages and logs."""
+    parsed = urlparse(url)
+    if not parsed.password:
+        return url
+    return parsed._replace(netloc=parsed.netloc.replace(f":{parsed.password}@", ":***@", 1)).geturl()

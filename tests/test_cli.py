@@ -114,9 +114,6 @@ def test_status_exit_codes_follow_the_state(env, inputs, capsys):
     assert code == 1
     assert out.splitlines() == [f"{job_id}: failed", "error: internal: boom"]
 
-    code, out, _ = run_cli(capsys, "status", "0" * 32, "--json")
-    assert (code, json.loads(out)["state"]) == (0, schema.EXPIRED)
-
 
 def test_cancel_then_watch_ends_canceled(env, inputs, capsys):
     job_id = json.loads(run_cli(capsys, *submit_args(inputs, "--json"))[1])["job_id"]
@@ -231,3 +228,26 @@ def test_run_without_the_worker_extra_says_what_to_install(inputs, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "pip install 'inpaint-fleet[worker]'" in result.stderr
+
+
+def test_run_with_a_missing_model_exits_1_model_unavailable(inputs, capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "run", "--model", str(tmp_path / "no-model"), "--image", str(inputs[0]),
+                           "--mask", str(inputs[1]), "--prompt", "p", "--out", str(tmp_path / "o.png"), "--json")
+    assert code == 1
+    assert json.loads(out)["error"]["code"] == "model_unavailable"
+
+
+def test_run_with_a_non_image_input_exits_2_without_a_traceback(tiny_model_dir, inputs, capsys, tmp_path):
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not an image")
+    code, _, err = run_cli(capsys, "run", "--model", str(tiny_model_dir), "--image", str(not_an_image),
+                           "--mask", str(inputs[1]), "--prompt", "p", "--out", str(tmp_path / "o.png"))
+    assert code == 2
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["status", "watch"])
+def test_status_and_watch_of_an_unknown_job_exit_1(env, capsys, command):
+    code, out, _ = run_cli(capsys, command, uuid.uuid4().hex, "--json")
+    assert code == 1
+    assert json.loads(out)["error"]["code"] == cli.JOB_NOT_FOUND

@@ -299,3 +299,8 @@ def test_client_imports_where_torch_cannot():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_submit_refuses_an_output_it_would_override(client):
+    with pytest.raises(ValueError, match="output_format"):
+        client.submit(png_bytes(picture()), png_bytes(picture()), "p", output={"bucket": "elsewhere"})

@@ -186,3 +186,24 @@ def test_event_fields_are_flat_strings_and_parse_back():
 def test_states():
     assert schema.FINAL_STATES == {"succeeded", "failed", "canceled"}
     assert schema.STATES == ("queued", "running", "succeeded", "failed", "canceled")
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("redis://:secret@host:6379/0", "redis://:***@host:6379/0"),
+    ("redis://user:secret@host/0", "redis://user:***@host/0"),
+    ("redis://host:6379/0", "redis://host:6379/0"),
+])
+def test_redact_url_masks_only_the_password(url, shown):
+    assert schema.redact_url(url) == shown
+
+
+def test_worker_and_client_share_one_format_list_redactor_and_s3_config():
+    from api_client import client
+    from api_client.s3 import s3_client
+    from worker import jobs, settings
+    assert settings.redact_url is schema.redact_url
+    assert client.INPUT_FORMATS is schema.INPUT_FORMATS
+    assert jobs.INPUT_FORMATS == tuple(schema.INPUT_FORMATS)
+    config = s3_client("http://127.0.0.1:9").meta.config
+    assert config.retries["mode"] == "standard"
+    assert config.request_checksum_calculation == "when_required"

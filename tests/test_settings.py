@@ -91,3 +91,11 @@ def test_describe_lists_every_variable_once():
                      "INPAINT_DTYPE", "INPAINT_S3_ENDPOINT_URL", "INPAINT_BUCKET", "INPAINT_CUDA_GRAPHS"):
         assert required in variables
     assert all(line.count("|") == 4 for line in table.splitlines())   # a well-formed Markdown table
+
+
+def test_choices_are_stored_in_the_spelling_their_consumers_compare():
+    settings = Settings.from_env({"INPAINT_CUDA_GRAPHS": "AUTO", "INPAINT_KERNELS": "Torch", "INPAINT_DTYPE": "BF16",
+                                  "INPAINT_LOG_LEVEL": "debug"})
+    assert (settings.cuda_graphs, settings.kernels, settings.dtype, settings.log_level) == ("auto", "torch", "bf16",
+                                                                                          "DEBUG")
+    assert dataclasses.replace(settings, cuda_graphs="OFF").cuda_graphs == "off"

@@ -10,6 +10,7 @@ forward; a watchdog only has to look for running jobs whose lease has passed.
 import json
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import redis
 
@@ -168,12 +169,14 @@ class JobStore:
 class ProgressReporter:
     """The pipeline's callback(step, total). Writes progress at most every `interval_s` (always the last step) and
     returns False, which stops the denoise loop, once the job's cancel flag is set or its deadline (a
-    time.monotonic() value; the soft time limit, which a solo pool cannot enforce by signal) has passed."""
+    time.monotonic() value; the soft time limit, which a solo pool cannot enforce by signal) has passed, or once
+    `lease_lost()` says another attempt took the job over (the GPU time would be wasted: its writes are refused)."""
 
     def __init__(self, store: JobStore, job_id: str, attempt: int, interval_s: float, deadline: float | None = None,
-                 clock=time.monotonic):
+                 clock=time.monotonic, lease_lost: Callable[[], bool] = lambda: False):
         self.store, self.job_id, self.attempt = store, job_id, attempt
         self.interval_s, self.deadline, self.clock = interval_s, deadline, clock
+        self.lease_lost = lease_lost
         self._last_sent = None
         self.step = 0   # the last step reported
 
@@ -182,6 +185,6 @@ class ProgressReporter:
         if step >= total or self._last_sent is None or now - self._last_sent >= self.interval_s:
             self._last_sent = now
             self.store.progress(self.job_id, self.attempt, step, total)
-        if self.deadline is not None and now > self.deadline:
+        if self.lease_lost() or (self.deadline is not None and now > self.deadline):
             return False
         return not self.store.cancel_requested(self.job_id)

@@ -21,6 +21,7 @@ from worker.denoise import InpaintCancelled
 from worker.events import CLAIMED, JobStore, ProgressReporter
 from worker.lease import Heartbeat
 from worker.model.loader import ModelLoadError
+from worker.pipeline import InpaintArgumentError
 from worker.settings import Settings
 from worker.storage import Storage
 
@@ -31,11 +32,11 @@ __all__ = ["Runtime", "Outcome", "PipelineHolder", "run_job", "validate_job", "d
 log = logging.getLogger("inpaint.jobs")
 
 SUCCEEDED, FAILED, CANCELED = schema.SUCCEEDED, schema.FAILED, schema.CANCELED
-SKIPPED = "skipped"      # already final, or running under another live attempt
+SKIPPED = "skipped"      # already final, running under another live attempt, or taken over from this one
 REJECTED = "rejected"    # no usable job_id: nothing can be recorded
 RETRY = "retry"          # a transient error; the caller schedules another attempt
 
-INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
+INPUT_FORMATS = tuple(schema.INPUT_FORMATS)  # PIL format names; one list, shared with the client
 SAVE_OPTIONS = {"png": {"format": "PNG"}, "jpeg": {"format": "JPEG", "quality": 95},
                 "webp": {"format": "WEBP", "quality": 95}}
 
@@ -83,6 +84,9 @@ class PipelineHolder:
                     self._pipeline = self._load()
                 except ModelLoadError as error:
                     raise schema.JobError(schema.MODEL_UNAVAILABLE, str(error)) from None
+                except Exception as error:   # a bad config or a broken file: the model is as unavailable
+                    log.exception("model load failed")
+                    raise schema.JobError(schema.MODEL_UNAVAILABLE, f"{type(error).__name__}: {error}") from None
                 log.info("model loaded", extra={"load_s": round(time.monotonic() - started, 3)})
             return self._pipeline
 
@@ -170,7 +174,9 @@ def paint(pipeline, job: schema.Job, image: Image.Image, mask: Image.Image, seed
                         num_images_per_prompt=job.num_images, height=job.height, width=job.width,
                         mask_blur=job.mask_blur, padding_mask_crop=job.padding_mask_crop,
                         keep_unmasked=job.keep_unmasked, callback=callback)
-    except ValueError as error:  # the pipeline's own argument checks (size multiples, strength x steps, ...)
+    # Only the pipeline's own argument checks (size multiples, strength x steps, ...) are the caller's fault; any
+    # other ValueError (inside torch, say) is a worker bug and ends as internal.
+    except InpaintArgumentError as error:
         raise schema.JobError(schema.INVALID_INPUT, str(error)) from None
 
 
@@ -231,14 +237,17 @@ def run_job(raw_job, runtime: Runtime, worker: str, may_retry: bool) -> Outcome:
         return Outcome(SKIPPED, attempt=claim.attempt)
     log.info("job started", extra={"job_id": job_id, "attempt": claim.attempt, "worker": worker})
     started = time.monotonic()
-    reporter = ProgressReporter(runtime.store, job_id, claim.attempt, runtime.settings.progress_interval_s,
-                                deadline=started + runtime.settings.soft_time_limit_s)
     # The heartbeat keeps this attempt's lease alive; if the process dies, the lease runs out and a watchdog
-    # (worker.lease) sends the job to another worker.
-    with Heartbeat(runtime.store.redis, job_id, claim.attempt, runtime.settings.lease_s,
-                   runtime.settings.heartbeat_s):
+    # (worker.lease) sends the job to another worker. If this attempt loses the lease anyway (a long stall), the
+    # reporter stops the denoise loop: the new attempt owns the job.
+    heartbeat = Heartbeat(runtime.store.redis, job_id, claim.attempt, runtime.settings.lease_s,
+                          runtime.settings.heartbeat_s)
+    reporter = ProgressReporter(runtime.store, job_id, claim.attempt, runtime.settings.progress_interval_s,
+                                deadline=started + runtime.settings.soft_time_limit_s,
+                                lease_lost=lambda: heartbeat.lost)
+    with heartbeat:
         outcome = _finish(job_id, claim.attempt, runtime, may_retry,
-                          lambda: _attempt(job, invalid, runtime, reporter))
+                          lambda: _attempt(job, invalid, runtime, reporter), heartbeat)
     first_wait = time.time() - claim.created_at if claim.attempt == 1 and claim.created_at else None
     return dataclasses.replace(outcome, run_s=time.monotonic() - started, queue_wait_s=first_wait,
                                steps=reporter.step if outcome.status == SUCCEEDED else 0)
@@ -260,7 +269,8 @@ def _attempt(job: schema.Job | None, invalid: schema.JobError | None, runtime: R
     return _execute(job, runtime, reporter)
 
 
-def _finish(job_id: str, attempt: int, runtime: Runtime, may_retry: bool, work: Callable[[], dict]) -> Outcome:
+def _finish(job_id: str, attempt: int, runtime: Runtime, may_retry: bool, work: Callable[[], dict],
+            heartbeat: Heartbeat) -> Outcome:
     store, fields = runtime.store, {"job_id": job_id, "attempt": attempt}
     try:
         result = work()
@@ -279,18 +289,30 @@ def _finish(job_id: str, attempt: int, runtime: Runtime, may_retry: bool, work: 
         log.exception("job failed unexpectedly", extra=fields)
         error = schema.JobError(schema.INTERNAL, "unexpected worker error; see the worker's log")
     else:
-        store.finish(job_id, SUCCEEDED, attempt, result=result)
+        if not store.finish(job_id, SUCCEEDED, attempt, result=result):
+            return _superseded(fields)
         log.info("job succeeded", extra={**fields, "timings": result["timings"]})
         return Outcome(SUCCEEDED, attempt=attempt, images=len(result["images"]),
                        denoise_s=result["timings"]["inference_s"])
+    if heartbeat.lost:   # the stop (or failure) is this attempt's, not the job's: the new attempt reports
+        return _superseded(fields)
     if error.transient and may_retry:
-        store.release(job_id, attempt, error.to_dict())
+        if not store.release(job_id, attempt, error.to_dict()):
+            return _superseded(fields)
         log.warning("job will be retried", extra={**fields, "code": error.code, "error": error.message})
         return Outcome(RETRY, error, attempt)
     state = CANCELED if error.code == schema.CANCELED_ERROR else FAILED
-    store.finish(job_id, state, attempt, error=error.to_dict())
+    if not store.finish(job_id, state, attempt, error=error.to_dict()):
+        return _superseded(fields)
     log.info(f"job {state}", extra={**fields, "code": error.code, "error": error.message})
     return Outcome(state, error, attempt)
+
+
+def _superseded(fields: dict) -> Outcome:
+    """Another attempt owns the job (this one's lease was taken over) or it is final already: this attempt's ending
+    is not the job's, so nothing is written and it counts as skipped, not as a success or failure."""
+    log.warning("attempt superseded, its ending not recorded", extra=fields)
+    return Outcome(SKIPPED, attempt=fields["attempt"])
 
 
 def _stop_error(store: JobStore, job_id: str) -> schema.JobError:

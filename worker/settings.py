@@ -7,9 +7,9 @@
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
-from urllib.parse import urlparse
 
 from api_client import schema
+from api_client.schema import redact_url  # re-exported: others import it from here
 
 __all__ = ["Settings", "redact_url"]
 
@@ -17,14 +17,6 @@ GRAPH_MODES = ("auto", "on", "off")
 KERNEL_MODES = ("auto", "triton", "torch")
 DTYPE_NAMES = ("", "float16", "fp16", "bfloat16", "bf16", "float32", "fp32")
 MAX_PRESIGN_EXPIRY_S = 7 * 24 * 3600  # S3's ceiling for SigV4 presigned URLs
-
-
-def redact_url(url: str) -> str:
-    """The URL with its password masked."""
-    parsed = urlparse(url)
-    if not parsed.password:
-        return url
-    return parsed._replace(netloc=parsed.netloc.replace(f":{parsed.password}@", ":***@", 1)).geturl()
 
 
 def _setting(variable: str, default, meaning: str, low=None, high=None, choices=None):
@@ -104,6 +96,9 @@ class Settings:
     def __post_init__(self):
         for item in fields(self):
             _check(item, getattr(self, item.name))
+            if item.metadata["choices"] is not None:
+                # Stored as checked: the consumers (DenoiseRunner, logging) compare with the exact spelling.
+                object.__setattr__(self, item.name, _normalized(item, getattr(self, item.name)))
         if self.time_limit_s <= self.soft_time_limit_s:
             raise ValueError(f"INPAINT_TIME_LIMIT_S={self.time_limit_s}: must exceed INPAINT_SOFT_TIME_LIMIT_S="
                              f"{self.soft_time_limit_s}, so the job can report its timeout before it is killed")
@@ -189,14 +184,17 @@ def _parse(item, raw: str):
 def _check(item, value) -> None:
     meta, variable = item.metadata, item.metadata["variable"]
     if meta["choices"] is not None:
-        normalized = value.upper() if item.name == "log_level" else value.lower()
-        if normalized not in meta["choices"]:
+        if _normalized(item, value) not in meta["choices"]:
             raise ValueError(f"{variable}={value!r}: expected one of {', '.join(c for c in meta['choices'] if c)}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{variable}={value!r}: expected a finite number")
     low, high = meta["low"], meta["high"]
     if (low is not None and value < low) or (high is not None and value > high):
         raise ValueError(f"{variable}={value}: outside [{low}, {'inf' if high is None else high}]")
+
+
+def _normalized(item, value: str) -> str:
+    return value.upper() if item.name == "log_level" else value.lower()
 
 
 def _warmup_shape(entry: str) -> dict:

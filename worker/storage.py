@@ -6,11 +6,10 @@ Errors become JobError: a missing (or forbidden) object is `input_not_found`, an
 import hashlib
 from dataclasses import dataclass
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from api_client import schema
+from api_client.s3 import s3_client
 
 __all__ = ["Storage", "StoredObject"]
 
@@ -41,12 +40,7 @@ class Storage:
 
     @classmethod
     def from_settings(cls, settings) -> "Storage":
-        # Checksums only where S3 requires them: MinIO and R2 refuse some of the ones boto3 adds by default.
-        config = Config(signature_version="s3v4", retries={"mode": "standard", "max_attempts": 3},
-                        connect_timeout=10, read_timeout=60,
-                        request_checksum_calculation="when_required",
-                        response_checksum_validation="when_required")
-        client = boto3.client("s3", endpoint_url=settings.s3_endpoint_url or None, config=config)
+        client = s3_client(settings.s3_endpoint_url)
         return cls(client, settings.bucket_allowlist, settings.max_input_bytes, settings.presign_expiry_s)
 
     def check_bucket(self, name: str, bucket: str) -> None:

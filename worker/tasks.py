@@ -55,7 +55,8 @@ def run(self, job: dict) -> dict:
 @signals.worker_process_init.connect
 def _start_process(**kwargs) -> None:
     """Serve metrics, then load the model, so the first job does not wait for it and /ready turns 200 when it
-    can run jobs. A failed load is only logged: each job tries again and fails with model_unavailable."""
+    can run jobs. A failed load is only logged (an exception here would only be logged by Celery, unstructured):
+    the process stays not ready, and each job tries again and fails with model_unavailable."""
     log.info("worker settings", extra={"settings": settings.redacted()})
     _serve_metrics()
     _start_watchdog()
@@ -65,11 +66,24 @@ def _start_process(**kwargs) -> None:
     except schema.JobError as error:
         log.error("model not loaded", extra={"code": error.code, "error": error.message})
         return
-    for shape in settings.warmup_shapes:
-        pipeline.warmup(**shape)
-        log.info("warmed up", extra=shape)
+    except Exception as error:
+        log.exception("model not loaded", extra={"code": schema.MODEL_UNAVAILABLE, "error": str(error)})
+        return
+    _warm_up(pipeline)
     metrics.set_ready(True)
     log.info("model ready", extra={"model": settings.model, "load_s": round(time.monotonic() - started, 3)})
+
+
+def _warm_up(pipeline) -> None:
+    """Run the INPAINT_WARMUP shapes. A failure is logged and the rest skipped: the model itself works, jobs only
+    pay the capture (or hit the same error, reported per job) on their first run of that shape."""
+    for shape in settings.warmup_shapes:
+        try:
+            pipeline.warmup(**shape)
+        except Exception as error:
+            log.exception("warm-up failed", extra={**shape, "code": schema.INTERNAL, "error": str(error)})
+            return
+        log.info("warmed up", extra=shape)
 
 
 def _start_watchdog() -> None:

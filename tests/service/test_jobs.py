@@ -17,6 +17,7 @@ from worker import devstack, jobs
 from worker.denoise import InpaintCancelled
 from worker.events import JobStore
 from worker.model.loader import ModelLoadError
+from worker.pipeline import InpaintArgumentError
 from worker.settings import Settings
 from worker.storage import Storage
 
@@ -209,16 +210,16 @@ def test_decompression_bomb_is_an_error_not_a_warning():
     assert caught.value.code == schema.LIMIT_EXCEEDED
 
 
-def test_pipeline_value_error_is_invalid_input_and_other_errors_internal(settings, store, storage):
+def test_pipeline_argument_error_is_invalid_input_and_other_errors_internal(settings, store, storage):
     job = make_job(storage)
-    bad_size = FakePipeline(error=ValueError("height: 60 is not a multiple of 16"))
+    bad_size = FakePipeline(error=InpaintArgumentError("height: 60 is not a multiple of 16"))
     jobs.run_job(job, runtime_with(settings, store, storage, bad_size), WORKER, may_retry=True)
     assert failed(store, job) == (schema.INVALID_INPUT, "height: 60 is not a multiple of 16")
-    job = make_job(storage)
-    crash = FakePipeline(error=RuntimeError("CUDA error: secret internals"))
-    jobs.run_job(job, runtime_with(settings, store, storage, crash), WORKER, may_retry=True)
-    code, message = failed(store, job)
-    assert code == schema.INTERNAL and "secret" not in message
+    for error in (RuntimeError("CUDA error: secret internals"), ValueError("secret: a bug inside torch")):
+        job = make_job(storage)
+        jobs.run_job(job, runtime_with(settings, store, storage, FakePipeline(error=error)), WORKER, may_retry=True)
+        code, message = failed(store, job)
+        assert code == schema.INTERNAL and "secret" not in message
 
 
 def test_cancel_flag_stops_the_run_as_canceled(settings, store, storage):
@@ -251,6 +252,58 @@ def test_model_load_failure_is_model_unavailable_and_retried(settings, store, st
     last = jobs.run_job(job, runtime, "other@test", may_retry=False)
     assert (last.status, last.attempt) == (jobs.FAILED, 2)
     assert failed(store, job)[0] == schema.MODEL_UNAVAILABLE
+
+
+def test_any_model_load_error_is_model_unavailable_and_retried_by_the_next_get():
+    loads = []
+
+    def load():
+        loads.append(1)
+        if len(loads) == 1:
+            raise ValueError("unet/config.json: sample_size is not an integer")
+        return "pipeline"
+
+    holder = jobs.PipelineHolder(load)
+    with pytest.raises(schema.JobError) as caught:
+        holder.get()
+    assert caught.value.code == schema.MODEL_UNAVAILABLE and "sample_size is not an integer" in caught.value.message
+    assert holder.get() == "pipeline"
+
+
+class TakeOverAt(FakePipeline):
+    """Another attempt claims the job (as after a missed lease) when step `at` is reached."""
+
+    def __init__(self, store, job_id, at, step_seconds=0.0):
+        super().__init__(step_seconds=step_seconds)
+        self.store, self.job_id, self.at, self.last_step = store, job_id, at, 0
+
+    def __call__(self, prompt, image, mask, callback=None, **options):
+        def take_over(step, total):
+            self.last_step = step
+            if step == self.at:
+                self.store.redis.hincrby(schema.job_key(self.job_id), "attempt", 1)
+            return callback(step, total)
+        return super().__call__(prompt, image, mask, callback=take_over, **options)
+
+
+def test_an_attempt_whose_lease_was_taken_over_stops_and_records_nothing(settings, store, storage):
+    job = make_job(storage, num_inference_steps=20)
+    beating = dataclasses.replace(settings, lease_s=1.0, heartbeat_s=0.05)
+    pipeline = TakeOverAt(store, job["job_id"], at=2, step_seconds=0.05)
+    outcome = jobs.run_job(job, runtime_with(beating, store, storage, pipeline), WORKER, may_retry=True)
+    assert (outcome.status, outcome.steps, outcome.images) == (jobs.SKIPPED, 0, 0)
+    assert pipeline.last_step < 20   # the denoise loop was stopped, not run to its end
+    status = store.status(job["job_id"])
+    assert (status.state, status.attempt, status.error) == (schema.RUNNING, 2, None)
+
+
+def test_a_refused_final_write_is_not_counted_as_success(settings, store, storage):
+    job = make_job(storage)
+    pipeline = TakeOverAt(store, job["job_id"], at=3)   # the last step: the heartbeat has no time to notice
+    outcome = jobs.run_job(job, runtime_with(settings, store, storage, pipeline), WORKER, may_retry=True)
+    assert (outcome.status, outcome.images) == (jobs.SKIPPED, 0)
+    status = store.status(job["job_id"])
+    assert (status.state, status.attempt, status.result) == (schema.RUNNING, 2, None)
 
 
 def test_pipeline_is_loaded_once():
