@@ -20,6 +20,7 @@ from PIL import Image
 from api_client import schema
 from api_client.client import InpaintClient
 from tests.reliability.faults import CuttableProxy
+from tests.service.conftest import sample_image, sample_mask  # noqa: F401 (re-exported to the tests here)
 from worker import devstack
 
 BUCKET = "inpaint-rel"
@@ -194,18 +195,6 @@ class Fleet:
         self.client.close()
         self.celery.close()
         self.redis.close()
-
-
-def sample_image(size=(64, 64)) -> Image.Image:
-    image = Image.new("RGB", size, (40, 90, 200))
-    image.paste((220, 30, 30), (16, 16, 48, 48))
-    return image
-
-
-def sample_mask(size=(64, 64)) -> Image.Image:
-    mask = Image.new("L", size, 0)
-    mask.paste(255, (8, 8, 40, 40))
-    return mask
 
 
 @pytest.fixture(scope="session")
