@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench gpu-wheels venv clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,13 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.pipeline_cpu
 	$(PY) -m benchmarks.queue
+
+# The packages scripts/gpu_check.sh needs that the GPU machine's image lacks, as wheels for its Python (3.12):
+# only the diffusers oracle, at the version the tests here use.
+gpu-wheels: $(STAMP)
+	rm -rf .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d .whl \
+		"diffusers==$$($(PY) -c 'import diffusers; print(diffusers.__version__)')"
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

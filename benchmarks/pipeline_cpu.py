@@ -7,7 +7,6 @@ Prints the median time of each and the median ratio ours/diffusers (target <= 0.
 """
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path

@@ -4,120 +4,207 @@ SD1.5 inpainting architecture (random weights time the same as real ones), 512x5
 float16, batch 1 and 4. UNet steps/s comes from the difference between a 50-step and a 2-step run, which cancels
 the text encoder, VAE and set-up; utilisation is against 1.607 TFLOP per guided step at batch 1.
 
-    python -m benchmarks.pipeline_gpu [--batches 1 4] [--steps 50] [--no-compile] [--out results.md]
+--smoke: the tiny test model on the CPU, float32, 16x16, 3 steps, batch 1, no CUDA graphs and no torch.compile,
+to check the script runs end to end; the numbers mean nothing. kernels=triton runs on Triton's interpreter
+(TRITON_INTERPRET=1 must be set), at about 15 s per step: `--kernels torch` leaves it out.
+
+    python -m benchmarks.pipeline_gpu [--batches 1 4] [--steps 50] [--kernels triton torch] [--no-compile]
+                                      [--out results.md]
+    TRITON_INTERPRET=1 python -m benchmarks.pipeline_gpu --smoke [--kernels torch] [--out smoke.md]
 """
 import argparse
 import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from benchmarks.sd15 import write_sd15_random
+import kernels
+from benchmarks.report import Report
 
-TFLOP_PER_GUIDED_STEP = 1.607
-SIZE = 512
+SHORT_RUN_STEPS = 2  # the run whose time is taken off the full run's, leaving (steps - 2) UNet steps
 
 
-def scene() -> tuple[Image.Image, Image.Image]:
+@dataclass(frozen=True)
+class Setup:
+    """The real run on a GPU, or the CPU smoke run."""
+    title: str
+    device: str
+    dtype: torch.dtype
+    size: int
+    steps: int
+    batches: tuple
+    tflop_per_guided_step: float | None  # at batch 1; None when unknown (the tiny model)
+    graph_modes: tuple                    # CUDA graphs need CUDA: "off" only on the CPU
+    write_model: Callable[[Path], Path]   # writes the model into a folder, returns it
+
+
+def gpu_setup() -> Setup:
+    from benchmarks.sd15 import write_sd15_random
+
+    return Setup(title=f"{torch.cuda.get_device_name()}, SD1.5 inpainting architecture", device="cuda",
+                 dtype=torch.float16, size=512, steps=50, batches=(1, 4), tflop_per_guided_step=1.607,
+                 graph_modes=("on", "off"), write_model=write_sd15_random)
+
+
+def smoke_setup() -> Setup:
+    from worker.model.tiny import write_tiny_model
+
+    # 16x16 (8x8 latents): under the interpreter a Triton attention's time grows with the square of the
+    # token count, and at 64x64 one UNet step would take minutes.
+    return Setup(title="CPU smoke run (tiny test model; the numbers mean nothing)", device="cpu",
+                 dtype=torch.float32, size=16, steps=3, batches=(1,), tflop_per_guided_step=None,
+                 graph_modes=("off",), write_model=write_tiny_model)
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak_memory(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device: str) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+
+
+def release_cached_memory(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def scene(size: int) -> tuple[Image.Image, Image.Image]:
     rng = np.random.default_rng(0)
-    image = Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
+    image = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
     mask = Image.new("L", image.size, 0)
-    ImageDraw.Draw(mask).ellipse((128, 128, 384, 384), fill=255)
+    ImageDraw.Draw(mask).ellipse((size // 4, size // 4, 3 * size // 4, 3 * size // 4), fill=255)
     return image, mask
 
 
-def timed(fn, repeats: int = 2) -> float:
+def timed(fn, device: str, repeats: int = 2) -> float:
     best = float("inf")
     for _ in range(repeats):
-        torch.cuda.synchronize()
+        synchronize(device)
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return best
 
 
-def measure(name: str, run, batch: int, steps: int) -> dict:
-    run(batch, 2)  # warm-up: capture, autotuning, compilation
+def measure(setup: Setup, name: str, run, batch: int, steps: int) -> dict:
+    run(batch, SHORT_RUN_STEPS)  # warm-up: capture, autotuning, compilation
     run(batch, steps)
-    torch.cuda.reset_peak_memory_stats()
-    full = timed(lambda: run(batch, steps))
-    short = timed(lambda: run(batch, 2))
-    steps_per_s = (steps - 2) / (full - short)
+    reset_peak_memory(setup.device)
+    full = timed(lambda: run(batch, steps), setup.device)
+    short = timed(lambda: run(batch, SHORT_RUN_STEPS), setup.device)
+    steps_per_s = (steps - SHORT_RUN_STEPS) / (full - short)
+    tflops = None if setup.tflop_per_guided_step is None else steps_per_s * setup.tflop_per_guided_step * batch
     return {"name": name, "batch": batch, "steps/s": steps_per_s, "e2e s": full,
-            "peak GiB": torch.cuda.max_memory_allocated() / 2**30,
-            "TFLOP/s": steps_per_s * TFLOP_PER_GUIDED_STEP * batch}
+            "peak GiB": peak_gib(setup.device), "TFLOP/s": tflops}
 
 
-def ours_runner(folder: Path, graphs: str, kernels: str):
+def ours_runner(setup: Setup, folder: Path, graphs: str, kernel_mode: str):
     from worker.pipeline import InpaintPipeline
 
-    os.environ["INPAINT_KERNELS"] = kernels
-    pipe = InpaintPipeline.from_pretrained(str(folder), device="cuda", dtype=torch.float16, cuda_graphs=graphs)
-    image, mask = scene()
+    pipe = InpaintPipeline.from_pretrained(str(folder), device=setup.device, dtype=setup.dtype, cuda_graphs=graphs)
+    image, mask = scene(setup.size)
 
     def run(batch: int, steps: int):
-        os.environ["INPAINT_KERNELS"] = kernels
-        return pipe(["a house"] * batch, image, mask, num_inference_steps=steps, seed=0)
+        with kernels.use_kernels(kernel_mode):
+            return pipe(["a house"] * batch, image, mask, num_inference_steps=steps, seed=0)
     return run
 
 
-def diffusers_runner(folder: Path, compile_unet: bool):
+def diffusers_runner(setup: Setup, folder: Path, compile_unet: bool):
     import diffusers
 
     pipe = diffusers.StableDiffusionInpaintPipeline.from_pretrained(
-        str(folder), torch_dtype=torch.float16, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False).to("cuda")
+        str(folder), torch_dtype=setup.dtype, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False).to(setup.device)
     pipe.set_progress_bar_config(disable=True)
     if compile_unet:
         pipe.unet = torch.compile(pipe.unet, mode="max-autotune", fullgraph=True)
-    image, mask = scene()
+    image, mask = scene(setup.size)
 
     def run(batch: int, steps: int):
         generators = [torch.Generator("cpu").manual_seed(i) for i in range(batch)]
         return pipe(prompt=["a house"] * batch, image=image, mask_image=mask, num_inference_steps=steps,
-                    generator=generators, height=SIZE, width=SIZE).images
+                    generator=generators, height=setup.size, width=setup.size).images
     return run
+
+
+def variants(setup: Setup, folder: Path, kernel_modes, compile_unet: bool) -> list:
+    """(name, make the runner) pairs, most telling first (ours at its fastest, then diffusers), so that a run cut
+    short still holds the comparison; runners are made one at a time, so only one model is on the device."""
+    ours = [(f"ours graphs={g} kernels={k}", lambda g=g, k=k: ours_runner(setup, folder, g, k))
+            for g in setup.graph_modes for k in kernel_modes]
+    found = [ours[0], ("diffusers (SDPA)", lambda: diffusers_runner(setup, folder, False)), *ours[1:]]
+    if compile_unet:
+        found.append(("diffusers + torch.compile max-autotune", lambda: diffusers_runner(setup, folder, True)))
+    return found
+
+
+def check_device(smoke: bool, kernel_modes) -> None:
+    # Triton picks the interpreter when a kernel is defined, i.e. on import: too late to set it from here.
+    if smoke and "triton" in kernel_modes and os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("pipeline_gpu.py --smoke runs kernels=triton through Triton's interpreter on the CPU: set "
+                 "TRITON_INTERPRET=1 in the environment, or pass --kernels torch")
+    if not smoke and not torch.cuda.is_available():
+        sys.exit("pipeline_gpu.py needs a CUDA GPU; see benchmarks/pipeline_cpu.py for the CPU comparison, "
+                 "or --smoke to check this script on the CPU")
+
+
+def table_header(setup: Setup, steps: int) -> list[str]:
+    return [f"{setup.title}, torch {torch.__version__}, {setup.size}x{setup.size}, {steps} steps, guidance 7.5, "
+            f"{str(setup.dtype).removeprefix('torch.')}, random weights", "",
+            "| variant | batch | UNet steps/s | end-to-end s | peak GiB | TFLOP/s |", "| --- | --- | --- | --- | --- | --- |"]
+
+
+def table_row(r: dict) -> str:
+    def number(value, digits: int) -> str:
+        return "n/a" if value is None else f"{value:.{digits}f}"
+
+    return (f"| {r['name']} | {r['batch']} | {r['steps/s']:.1f} | {r['e2e s']:.2f} | {number(r['peak GiB'], 1)} | "
+            f"{number(r['TFLOP/s'], 0)} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--batches", type=int, nargs="+", help="default 1 4 (--smoke: 1)")
+    parser.add_argument("--steps", type=int, help="default 50 (--smoke: 3)")
+    parser.add_argument("--kernels", nargs="+", choices=("triton", "torch"), default=["triton", "torch"],
+                        help="INPAINT_KERNELS modes to time ours with")
     parser.add_argument("--no-compile", action="store_true", help="skip diffusers + torch.compile (slow to build)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny model on the CPU, to check the script runs end to end; the numbers mean nothing")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("pipeline_gpu.py needs a CUDA GPU; see benchmarks/pipeline_cpu.py for the CPU comparison")
+    check_device(args.smoke, args.kernels)
 
+    setup = smoke_setup() if args.smoke else gpu_setup()
+    steps, batches = args.steps or setup.steps, args.batches or setup.batches
+    if steps <= SHORT_RUN_STEPS:
+        parser.error(f"--steps must be above {SHORT_RUN_STEPS}: steps/s is timed against a {SHORT_RUN_STEPS}-step run")
+    compile_unet = not (args.no_compile or args.smoke)  # on the CPU max-autotune has nothing to tune
+    report = Report(args.out, *table_header(setup, steps))
     with tempfile.TemporaryDirectory() as tmp:
-        folder = write_sd15_random(Path(tmp) / "sd15")
-        variants = [(f"ours graphs={g} kernels={k}", lambda g=g, k=k: ours_runner(folder, g, k))
-                    for g in ("on", "off") for k in ("triton", "torch")]
-        variants.append(("diffusers (SDPA)", lambda: diffusers_runner(folder, False)))
-        if not args.no_compile:
-            variants.append(("diffusers + torch.compile max-autotune", lambda: diffusers_runner(folder, True)))
-        rows = []
-        for name, make in variants:
+        folder = setup.write_model(Path(tmp) / "model")
+        for name, make in variants(setup, folder, args.kernels, compile_unet):
             run = make()
-            rows += [measure(name, run, batch, args.steps) for batch in args.batches]
+            for batch in batches:
+                report.add(table_row(measure(setup, name, run, batch, steps)))
             del run
-            torch.cuda.empty_cache()
-
-    lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {SIZE}x{SIZE}, {args.steps} steps, "
-             "guidance 7.5, float16, random weights", "",
-             "| variant | batch | UNet steps/s | end-to-end s | peak GiB | TFLOP/s |", "| --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['name']} | {r['batch']} | {r['steps/s']:.1f} | {r['e2e s']:.2f} | {r['peak GiB']:.1f} | "
-              f"{r['TFLOP/s']:.0f} |" for r in rows]
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        args.out.write_text(table + "\n")
+            release_cached_memory(setup.device)
 
 
 if __name__ == "__main__":

@@ -103,9 +103,11 @@ if triton is not None:
         acc = tl.dot(p.to(v.dtype), v, acc * rescale[:, None], input_precision=DOT_PRECISION)
         return acc, new_max, row_sum
 
+    # Lengths and head count only bound loops and masks, never addresses: specialising on their divisibility
+    # would compile each tile again for the 77-token cross-attention, for no faster code.
     @triton.autotune(configs=_attention_configs(), key=["HEAD_DIM", "N_Q", "N_KV"],
                      prune_configs_by={"early_config_prune": _prune_attention_configs})
-    @triton.jit
+    @triton.jit(do_not_specialize=["H", "N_Q", "N_KV"])
     def _attention_kernel(Q, K, V, Out, qk_scale,
                           stride_qb, stride_qh, stride_qm, stride_qd,
                           stride_kb, stride_kh, stride_kn, stride_kd,

@@ -385,6 +385,8 @@ def compile_for_hopper(kernel, values, num_warps, num_stages=3):
             signature[name], attrs[(i,)] = value, [["tt.divisibility", 16]]
         elif isinstance(value, float):
             signature[name] = "fp32"
+        elif name in kernel.do_not_specialize:
+            signature[name] = "i32"
         elif value == 1:  # the JIT turns 1 into a constant
             signature[name], constexprs[name] = "constexpr", 1
         else:

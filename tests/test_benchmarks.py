@@ -1,0 +1,131 @@
+"""The benchmark scripts: the GPU ones run end to end with --smoke on the CPU, and refuse to start without CUDA.
+
+A GPU session is short, so the GPU scripts must not fail there on a wrong import or a CUDA-only call. --smoke runs
+their code paths (arguments, bench functions, tables) at tiny shapes; the numbers are not checked. The scripts run
+as the benchmark session runs them: `python -m benchmarks.<name>` from the repository root, in a subprocess.
+
+pipeline_gpu's kernels=triton variant is left out here: under Triton's interpreter the tiny UNet takes ~15 s a
+step and a variant runs 15 steps. benchmarks.kernels --smoke times that UNet with kernels=triton once.
+"""
+import importlib
+import math
+import os
+import subprocess
+import sys
+from itertools import dropwhile, takewhile
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).parents[1]
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the script runs the real benchmark")
+
+
+def run_script(module: str, *args: str, interpret: bool = True) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"  # tiny ops gain nothing from more, and spinning threads crawl on a shared CPU
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def table_rows(markdown: str, heading: str | None = None) -> list[list[str]]:
+    """The data rows of the first table after the line `heading` (or in the text), as lists of stripped cells."""
+    lines = markdown.splitlines()
+    after = lines[lines.index(heading) + 1:] if heading else lines
+    table = takewhile(lambda line: line.startswith("|"), dropwhile(lambda line: not line.startswith("|"), after))
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in list(table)[2:]]  # no header rows
+
+
+def as_number(cell: str) -> float:
+    return float(cell.removesuffix("x").removesuffix("%"))
+
+
+def test_kernels_smoke_writes_every_table(tmp_path):
+    from benchmarks.kernels import smoke_setup
+
+    setup = smoke_setup()
+    out = tmp_path / "kernels.md"
+    result = run_script("benchmarks.kernels", "--smoke", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    text = out.read_text()
+
+    attention = table_rows(text, "## Attention (float32)")
+    expected = [", ".join(map(str, shape)) for shapes in setup.attention_shapes.values() for shape in shapes]
+    assert [row[1] for row in attention] == expected
+    group_norm = table_rows(text, "## GroupNorm + SiLU (float32, 32 groups)")
+    assert [(row[0], row[1]) for row in group_norm] == [
+        (", ".join(map(str, shape)), layout) for shape in setup.group_norm_shapes
+        for layout in ("NCHW", "channels_last")]
+    unet = table_rows(text, "## Whole UNet step")
+    assert [row[0] for row in unet] == [f"{size}²" for size in setup.unet_sizes]
+    for row in attention + group_norm + unet:
+        assert all(as_number(cell) >= 0 for cell in row[2:]), row
+
+
+def test_kernels_smoke_needs_the_interpreter():
+    result = run_script("benchmarks.kernels", "--smoke", interpret=False)
+    assert result.returncode != 0 and "TRITON_INTERPRET=1" in result.stderr
+
+
+def test_pipeline_gpu_smoke_writes_one_row_per_variant(tmp_path):
+    out = tmp_path / "pipeline.md"
+    result = run_script("benchmarks.pipeline_gpu", "--smoke", "--kernels", "torch", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    rows = table_rows(out.read_text())
+    assert [(row[0], row[1]) for row in rows] == [("ours graphs=off kernels=torch", "1"), ("diffusers (SDPA)", "1")]
+    for _, _, steps_per_s, end_to_end, peak, tflops in rows:
+        assert math.isfinite(as_number(steps_per_s))
+        assert as_number(end_to_end) > 0
+        assert peak == tflops == "n/a"  # no CUDA memory counters, no FLOP count for the tiny model
+
+
+@no_cuda
+@pytest.mark.parametrize("module", ["benchmarks.kernels", "benchmarks.pipeline_gpu"])
+def test_gpu_scripts_refuse_to_run_without_cuda(module):
+    result = run_script(module)
+    assert result.returncode != 0 and "needs a CUDA GPU" in result.stderr
+
+
+@pytest.mark.parametrize("module", ["benchmarks.pipeline_cpu", "benchmarks.queue"])
+def test_cpu_scripts_import(module):
+    assert callable(importlib.import_module(module).main)
+
+
+def test_report_writes_each_row_as_it_comes(tmp_path, capsys):
+    from benchmarks.report import Report
+
+    out = tmp_path / "table.md"
+    report = Report(out, "# title", "")
+    report.add("| a |")
+    assert out.read_text() == "# title\n\n| a |\n"  # on disk before the run ends
+    report.add("| b |", "| c |")
+    assert out.read_text().splitlines()[-2:] == ["| b |", "| c |"]
+    assert capsys.readouterr().out == "# title\n\n| a |\n| b |\n| c |\n"
+
+
+@no_cuda
+def test_gpu_check_script_runs_its_steps_and_collects_the_tables(tmp_path):
+    """scripts/gpu_check.sh in smoke mode: the plumbing a GPU session relies on (steps, limits, $OUT, exit)."""
+    env = {**os.environ, "GPU_CHECK_SMOKE": "1", "PYTHON": sys.executable, "OUT": str(tmp_path / "out"),
+           "WHEELS": str(tmp_path / "no-wheels"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", "scripts/gpu_check.sh", "pipeline"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    log = (tmp_path / "out" / "run.log").read_text()
+    assert "=== pipeline: exit 0" in log and "all steps passed" in log and "=== tests" not in log
+    [table] = (tmp_path / "out").glob("*-cpu-pipeline.md")
+    assert len(table_rows(table.read_text())) == 2
+
+
+@no_cuda
+def test_gpu_check_script_reports_a_failed_step(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"), "WHEELS": str(tmp_path / "none")}
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run(["bash", "scripts/gpu_check.sh", "kernels"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1  # without CUDA and without smoke mode, the kernel benchmark refuses to start
+    log = (tmp_path / "out" / "run.log").read_text()
+    assert "needs a CUDA GPU" in log and "=== kernels: exit 1" in log and "some steps FAILED" in log
