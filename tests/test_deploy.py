@@ -3,7 +3,12 @@
 No Docker engine or cluster here: the files are read and cross-checked (images, ports, settings variables,
 Redis queue keys, shutdown grace against the time limit).
 """
+import importlib.util
+import os
 import re
+import shutil
+import subprocess
+import sys
 from dataclasses import fields
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -151,6 +156,34 @@ def test_project_is_installed_with_the_worker_extra_and_model_can_be_baked():
             assert f"!{path}" in (DOCKER / "Dockerfile.dockerignore").read_text() or \
                 f"!{path}/" in (DOCKER / "Dockerfile.dockerignore").read_text()
 
+
+
+def _libcuda_stand_in(folder: Path, driver_source: Path) -> Path:
+    """A stand-in for CUDA's stub libcuda.so.1: every cu* function Triton's driver stub names, doing nothing."""
+    names = sorted(set(re.findall(r"\b(cu[A-Z]\w*)\s*\(", driver_source.read_text())))
+    source = folder / "libcuda_stand_in.c"
+    source.write_text("".join(f"int {name}(void) {{ return 999; }}\n" for name in names))
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(folder / "libcuda.so.1"), str(source)], check=True)
+    return folder
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None or importlib.util.find_spec("triton.backends.nvidia") is None,
+                    reason="needs gcc and triton's NVIDIA backend")
+def test_triton_driver_stub_built_in_the_build_stage_loads_without_a_compiler(tmp_path):
+    """The build stage's prebuild (run here as written in the Dockerfile) must leave Triton's cache holding the
+    exact module Triton loads at run time: the final stage has no compiler, and CC=/bin/false proves none runs."""
+    from triton.backends.nvidia import driver
+
+    (prebuild,) = re.findall(r"^python - <<PY\n(.*?)^PY$", dockerfile_stages()[0]["lines"][-1], flags=re.M | re.S)
+    libcuda = _libcuda_stand_in(tmp_path, Path(driver.dirname) / "driver.c")
+    env = {**os.environ, "TRITON_LIBCUDA_PATH": str(libcuda), "TRITON_CACHE_DIR": str(tmp_path / "cache")}
+    built = subprocess.run([sys.executable, "-c", prebuild], env=env, capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-2000:]
+
+    env.update(CC="/bin/false", LD_LIBRARY_PATH=str(libcuda))  # the final stage: no compiler, a libcuda.so.1
+    loaded = subprocess.run([sys.executable, "-c", "from triton.backends.nvidia import driver; driver.CudaUtils()"],
+                            env=env, capture_output=True, text=True)
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
 
 # ---------------------------------------------------------------- compose
 
