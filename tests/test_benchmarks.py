@@ -129,3 +129,28 @@ def test_gpu_check_script_reports_a_failed_step(tmp_path):
     assert done.returncode == 1  # without CUDA and without smoke mode, the kernel benchmark refuses to start
     log = (tmp_path / "out" / "run.log").read_text()
     assert "needs a CUDA GPU" in log and "=== kernels: exit 1" in log and "some steps FAILED" in log
+
+
+def test_sizing_reads_the_pipeline_table_as_pipeline_gpu_writes_it():
+    from benchmarks import pipeline_gpu, sizing
+
+    setup = pipeline_gpu.Setup(title="NVIDIA H200, SD1.5 inpainting architecture", device="cuda",
+                               dtype=torch.float16, size=512, steps=50, batches=(1, 4), tflop_per_guided_step=1.607,
+                               graph_modes=("on", "off"), write_model=lambda folder: folder)
+    measured = [{"name": "ours graphs=on kernels=triton", "batch": 1, "steps/s": 100.0, "e2e s": 0.8,
+                 "peak GiB": 3.0, "TFLOP/s": 160.0},
+                {"name": "diffusers (SDPA)", "batch": 1, "steps/s": 40.0, "e2e s": 1.6, "peak GiB": 3.5,
+                 "TFLOP/s": 64.0}]
+    text = "\n".join(pipeline_gpu.table_header(setup, 50) + [pipeline_gpu.table_row(r) for r in measured])
+
+    rows = table_rows("\n".join(["| h |", "| - |", *sizing.sizing_rows(text, [30], overhead_s=0.05)]))
+    # t_step 10 ms; fixed part 0.8 s - 50 x 10 ms = 0.3 s; t_job = 0.3 + 30 x 0.01 + 0.05 = 0.65 s
+    assert rows == [["NVIDIA H200", "512×512", "30", "1", "10.0", "0.65", f"{3600 * 0.7 / 0.65:.0f}"]]
+
+
+def test_sizing_refuses_a_table_without_our_fastest_variant():
+    from benchmarks import sizing
+
+    with pytest.raises(ValueError, match="no row for 'ours graphs=on kernels=triton'"):
+        sizing.sizing_rows("NVIDIA H200, x, 512x512, 50 steps\n\n| diffusers (SDPA) | 1 | 40.0 | 1.60 | 3.5 | 64 |",
+                           [30], 0.05)
