@@ -22,6 +22,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from kernels._device import launching_on
+
 try:
     import triton
     import triton.language as tl
@@ -38,15 +40,18 @@ if triton is not None:
     _HOPPER_TILES = [
         (128, 128, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4),
         (64, 128, 4, 2), (64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 4), (64, 32, 8, 3),
-        (32, 64, 4, 2), (32, 32, 2, 3), (16, 64, 2, 2), (16, 32, 4, 2), (16, 32, 1, 2),
+        (32, 64, 4, 2), (32, 32, 2, 3), (16, 64, 2, 2), (16, 32, 4, 2), (16, 32, 8, 2), (16, 32, 1, 2),
     ]
     # The interpreter runs programs one by one on the CPU: one mid-size tile, nothing to tune.
     _INTERPRETER_TILES = [(64, 64, 4, 1)]
     _SHARED_MEMORY_LIMIT = 227 * 1024  # per block on H100/H200
     # Float32 accumulator + scores per thread above which ptxas (sm_90) spilled. Half-precision tiles of 64+
-    # rows run on wgmma; smaller ones on mma and float32 ones on FMA, which also keep the q, k and v operands in
-    # registers, hence the lower bound.
-    _REGISTER_ESTIMATE_LIMIT = {"wgmma": 192, "registers": 64}
+    # rows run on wgmma; smaller ones on mma, which also keeps the q, k and v operands in registers, hence the
+    # lower bound.
+    _REGISTER_ESTIMATE_LIMIT = {"wgmma": 160, "mma": 64}
+    # Float32 runs on FMA (exact products, no tensor cores): ptxas (sm_90) spilled from every tile larger than
+    # 16 x 32 and, at head dim 160, from all of them; only the smallest ones are worth compiling.
+    _FLOAT32_MAX_TILE, _FLOAT32_MIN_WARPS = 16 * 32, 4
 
     def _interpreting():
         return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
@@ -62,13 +67,17 @@ if triton is not None:
         max_m = max(triton.next_power_of_2(args["N_Q"]), min(c.kwargs["BLOCK_M"] for c in configs))
         max_n = max(triton.next_power_of_2(args["N_KV"]), min(c.kwargs["BLOCK_N"] for c in configs))
 
+        def fits_registers(block_m, block_n, warps):
+            if element_size == 4:
+                return block_m * block_n <= _FLOAT32_MAX_TILE and warps >= _FLOAT32_MIN_WARPS
+            registers = (block_m * block_d + 1.5 * block_m * block_n) / (32 * warps)
+            return registers <= _REGISTER_ESTIMATE_LIMIT["wgmma" if block_m >= 64 and warps % 4 == 0 else "mma"]
+
         def fits(config):
             block_m, block_n, warps = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps
             shared = (block_m + 2 * block_n * max(config.num_stages, 1)) * block_d * element_size
-            registers = (block_m * block_d + 1.5 * block_m * block_n) / (32 * warps)
-            path = "wgmma" if block_m >= 64 and warps % 4 == 0 and element_size < 4 else "registers"
             return (block_m <= max_m and block_n <= max_n and shared <= _SHARED_MEMORY_LIMIT
-                    and registers <= _REGISTER_ESTIMATE_LIMIT[path])
+                    and fits_registers(block_m, block_n, warps))
 
         kept = [config for config in configs if fits(config)]
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
@@ -173,12 +182,13 @@ if triton is not None:
         def grid(meta):
             return (triton.cdiv(n_q, meta["BLOCK_M"]) * batch * heads,)
 
-        _attention_kernel[grid](
-            q, k, v, out, scale * math.log2(math.e),
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            heads, n_q, n_kv,
-            HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), DOT_PRECISION=precision,
-            ALIGN=_row_alignment((q, k, v, out)))
+        with launching_on(q):
+            _attention_kernel[grid](
+                q, k, v, out, scale * math.log2(math.e),
+                *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+                heads, n_q, n_kv,
+                HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), DOT_PRECISION=precision,
+                ALIGN=_row_alignment((q, k, v, out)))
         launches += 1
         return out
 

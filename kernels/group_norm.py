@@ -25,6 +25,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from kernels._device import launching_on
+
 try:
     import triton
     import triton.language as tl
@@ -165,14 +167,15 @@ if triton is not None:
 
         grid = (batch * num_groups, splits)
         partials = torch.empty((3, batch * num_groups, splits), device=x.device, dtype=torch.float32)
-        _group_stats_kernel[grid](
-            x, partials, *x_strides, num_groups, positions, splits, split_size,
-            CHANNELS_PER_GROUP=channels_per_group, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=8)
-        _group_apply_kernel[grid](
-            x, out, weight, bias, partials, *x_strides, *out_strides,
-            num_groups, positions, splits, split_size, float(eps), CHANNELS_PER_GROUP=channels_per_group,
-            AFFINE=affine, APPLY_SILU=activation == "silu", BLOCK_SPLITS=triton.next_power_of_2(splits),
-            BLOCK_C=block_c, BLOCK_S=block_s, num_warps=8)
+        with launching_on(x):
+            _group_stats_kernel[grid](
+                x, partials, *x_strides, num_groups, positions, splits, split_size,
+                CHANNELS_PER_GROUP=channels_per_group, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=8)
+            _group_apply_kernel[grid](
+                x, out, weight, bias, partials, *x_strides, *out_strides,
+                num_groups, positions, splits, split_size, float(eps), CHANNELS_PER_GROUP=channels_per_group,
+                AFFINE=affine, APPLY_SILU=activation == "silu", BLOCK_SPLITS=triton.next_power_of_2(splits),
+                BLOCK_C=block_c, BLOCK_S=block_s, num_warps=8)
         launches += 1
         return out
 

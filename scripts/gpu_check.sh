@@ -39,9 +39,11 @@ step() {
 }
 
 step environment 30 "$PYTHON" -c '
-import torch, triton
+import os, shutil, torch, triton
 print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda)
-print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU)")'
+print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU)")
+print("nvidia-smi", shutil.which("nvidia-smi"), "/dev/nvidiactl", os.path.exists("/dev/nvidiactl"),
+      "TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET"))'
 device=$("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name().split()[-1].lower()
                                             if torch.cuda.is_available() else "cpu")')
 prefix="$OUT/$(date -u +%F)-$device"

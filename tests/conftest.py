@@ -8,7 +8,9 @@ import shutil
 
 import pytest
 
-if not os.environ.get("CUDA_VISIBLE_DEVICES") and shutil.which("nvidia-smi") is None:
+# An NVIDIA driver shows as nvidia-smi on the PATH or, in containers that lack it, as its device node.
+if not os.environ.get("CUDA_VISIBLE_DEVICES") and shutil.which("nvidia-smi") is None \
+        and not os.path.exists("/dev/nvidiactl"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 

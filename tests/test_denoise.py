@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from worker.denoise import DenoiseRunner, GraphCache, StepState, _Graph, denoise_step
+from worker.denoise import DenoiseRunner, GraphCache, StepState, _Graph, denoise_step, warm_up
 from worker.pipeline import InpaintPipeline
 from worker.schedulers import SCHEDULERS
 
@@ -20,12 +20,15 @@ class _EagerGraph:
         self.replay = replay
 
 
-def eager_capture(unet, sampler, inputs):
+def eager_capture(unet, sampler, inputs, begin):
+    """capture_cuda_graph without CUDA: the same reset and warm-up, then a "graph" that runs the step eagerly."""
+    sampler.reset(inputs.latents, begin)
     state = StepState(inputs)
+    warm_up(unet, sampler, state, begin)
     return _Graph(graph=_EagerGraph(lambda: denoise_step(unet, sampler, state)), state=state, sampler=sampler)
 
 
-def failing_capture(unet, sampler, inputs):
+def failing_capture(unet, sampler, inputs, begin):
     raise RuntimeError("operation not permitted when stream is capturing")
 
 
@@ -63,6 +66,25 @@ def test_replayed_steps_equal_eager_across_jobs(pipe, scene, scheduler):
         assert all(np.array_equal(a, b) for a, b in zip(want, have))
     assert graphs.graphs.captures == 1  # one shape: the second and third jobs replay the first capture
 
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_capture_of_a_short_or_late_starting_job_stays_inside_the_tables(pipe, scene, scheduler):
+    # The warm-up before a capture runs the step more than once: it must stay at the job's first table index, or
+    # a one-step job (or one starting at the last index, strength 0.3 of 4 steps) reads past the tables' end, which
+    # on a GPU is a device-side assert that no fallback survives.
+    jobs = [dict(num_inference_steps=1), dict(num_inference_steps=4, strength=0.5),
+            dict(num_inference_steps=4, strength=0.3)]
+    graphs = DenoiseRunner(pipe.unet, capture=eager_capture)
+    for job in jobs:
+        want = pipe("a dog", *scene, seed=3, scheduler=scheduler, **job)
+        eager, pipe.runner = pipe.runner, graphs
+        try:
+            got = pipe("a dog", *scene, seed=3, scheduler=scheduler, **job)
+        finally:
+            pipe.runner = eager
+        assert np.array_equal(np.asarray(want[0]), np.asarray(got[0])), job
+    assert graphs.graphs.captures == 2  # the two 4-step jobs share one graph: the start is read at replay
 
 def test_a_new_shape_or_schedule_captures_again(pipe, scene):
     graphs = DenoiseRunner(pipe.unet, capture=eager_capture)

@@ -433,19 +433,75 @@ json.dump(ptx, sys.stdout)
 """
 
 
-@needs_triton
-@pytest.mark.skipif(importlib.util.find_spec("triton.backends.nvidia") is None, reason="no NVIDIA backend in triton")
-def test_kernels_compile_for_hopper():
+needs_nvidia_backend = pytest.mark.skipif(
+    not kernels.TRITON_AVAILABLE or importlib.util.find_spec("triton.backends.nvidia") is None,
+    reason="needs triton with its NVIDIA backend")
+
+
+def run_json_script(script: str):
     import json
 
-    done = run_python(HOPPER_COMPILE)
+    done = run_python(script)
     assert done.returncode == 0, done.stderr[-3000:]
-    ptx = json.loads(done.stdout)
+    return json.loads(done.stdout)
+
+
+@needs_nvidia_backend
+def test_kernels_compile_for_hopper():
+    ptx = run_json_script(HOPPER_COMPILE)
     assert "wgmma" in ptx["attention fp16 D=40"] and "wgmma" in ptx["attention bf16 D=160"]  # Hopper tensor cores
     for name in ("attention fp16 D=40", "attention bf16 D=160", "group norm stats NCHW",
                  "group norm apply channels_last"):
         assert "ld.global.v4" in ptx[name], f"{name}: loads did not vectorise to 16 bytes"
 
+
+
+# Every tile the autotuner may try at SD1.5's head dims, compiled for sm_90: the half-precision ones must not spill
+# registers (ptxas' stack frame), whatever the pruner's register estimate says.
+HOPPER_SPILLS = HOPPER_COMPILE.split("ptx = {")[0] + r"""
+import os, subprocess, tempfile
+import torch
+
+def kept_tiles(dtype, head_dim, n):
+    configs = attention._attention_configs()
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    kept = attention._prune_attention_configs(configs, {"Q": torch.empty(0, dtype=dtype), "BLOCK_D": block_d,
+                                                        "N_Q": n, "N_KV": n})
+    return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
+
+def stack_bytes(ptx):
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as folder:
+        ptx_path, cubin = os.path.join(folder, "k.ptx"), os.path.join(folder, "k.cubin")
+        open(ptx_path, "w").write(ptx)
+        ptxas = os.path.join(bin_dir, "ptxas")
+        if "ptxas-blackwell" in os.listdir(bin_dir) and ".version 9" in ptx:  # newer PTX than the sm_90 ptxas reads
+            ptxas = os.path.join(bin_dir, "ptxas-blackwell")
+        subprocess.run([ptxas, "-arch=sm_90a", ptx_path, "-o", cubin], check=True)
+        usage = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "-res-usage", cubin], capture_output=True,
+                               text=True, check=True).stdout
+    return int(usage.split("STACK:")[1].split()[0])
+
+report = {}
+for dtype, name in ((torch.float16, "*fp16"), (torch.float32, "*fp32")):
+    for head_dim in (40, 80, 160):
+        tiles = kept_tiles(dtype, head_dim, 4096)
+        spills = {} if dtype == torch.float32 else {
+            str(tile): stack_bytes(attention_ptx(name, 8, 4096, head_dim, tile)) for tile in tiles}
+        report[f"{name} D={head_dim}"] = {"tiles": tiles, "spills": spills}
+json.dump(report, sys.stdout)
+"""
+
+
+@needs_nvidia_backend
+def test_autotuned_attention_tiles_do_not_spill_on_hopper():
+    report = run_json_script(HOPPER_SPILLS)
+    for case, found in report.items():
+        assert found["tiles"], f"{case}: every tile was pruned"
+        spilled = {tile: size for tile, size in found["spills"].items() if size}
+        assert not spilled, f"{case}: tiles that spill registers (bytes of stack): {spilled}"
+    for head_dim in (40, 80, 160):  # float32 keeps only the small tiles that spill least
+        assert all(m * n <= 512 and warps >= 4 for m, n, warps, _ in report[f"*fp32 D={head_dim}"]["tiles"])
 
 # ---------------------------------------------------------------------------------------------- GPU only
 
@@ -456,10 +512,15 @@ SD15_ATTENTION = [  # (B, H, Nq, Nk, D): batch 2 for guidance; 512x512 -> 64x64 
 ]
 
 
+# Half precision at every shape (what the model runs); float32, whose tiles run without tensor cores and compile
+# slowly, at one shape per head dim.
+SD15_ATTENTION_CASES = [(*shape, dtype) for shape in SD15_ATTENTION for dtype in (torch.float16, torch.bfloat16)] + [
+    (2, 8, 4096, 77, 40, torch.float32), (2, 8, 1024, 1024, 80, torch.float32), (2, 8, 256, 77, 160, torch.float32)]
+
+
 @needs_cuda
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("batch,heads,n_q,n_kv,head_dim", SD15_ATTENTION)
+@pytest.mark.parametrize("batch,heads,n_q,n_kv,head_dim,dtype", SD15_ATTENTION_CASES)
 def test_attention_sd15_shapes_on_gpu(batch, heads, n_q, n_kv, head_dim, dtype):
     q, k, v = make_qkv(batch, heads, n_q, n_kv, head_dim, "projected", dtype, device="cuda")
     out = torch.full(q.shape, float("nan"), dtype=dtype, device="cuda")
@@ -516,3 +577,15 @@ def test_kernels_compile_as_single_ops_in_a_full_graph():
         results = compiled(q, k, v, x, 32, weight, bias), _attention_then_norm(q, k, v, x, 32, weight, bias)
     for got, want in zip(*results):
         assert torch.allclose(got, want, atol=2e-3, rtol=2e-3)
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_kernels_run_on_their_inputs_gpu_not_the_current_one():
+    q, k, v = make_qkv(1, 2, 64, 77, 40, "projected", torch.float16, device="cuda:1")
+    x, weight, bias = make_group_norm_inputs((1, 64, 8, 8), False, True, torch.float16, device="cuda:1")
+    with torch.cuda.device(0), kernels.use_kernels("triton"):
+        out, y = _attention_then_norm(q, k, v, x, 32, weight, bias)
+    torch.cuda.synchronize(1)
+    assert torch.allclose(out, attention_ref(q, k, v), atol=2e-3)
+    assert torch.allclose(y, group_norm_ref(x, 32, weight, bias, 1e-5, "silu"), atol=2e-3)

@@ -8,6 +8,7 @@ steps, dtype, ...) and replayed for every step of every later job with that key.
 Between steps the host reports progress and checks for cancellation. It keeps one step in flight, waiting on the
 CUDA event of the step before, so progress reflects the GPU's real position without draining the queue.
 """
+import functools
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Callable
 
 import torch
 
+import kernels
 from worker import metrics
 
 log = logging.getLogger("inpaint.denoise")
@@ -131,24 +133,33 @@ class GraphCache:
 
 
 def graph_key(sampler, inputs: DenoiseInputs) -> tuple:
+    """Everything a captured step bakes in; what changes per job (values, guidance scale, start) is read at replay."""
     cond = None if inputs.condition is None else tuple(inputs.condition.shape)
     return (tuple(inputs.latents.shape), inputs.latents.dtype, str(inputs.latents.device), tuple(inputs.text.shape),
             cond, inputs.guided, sampler.name, sampler.num_steps, inputs.step_noise is not None,
-            inputs.blend is not None)
+            inputs.blend is not None, kernels.kernel_mode())
+
+
+def warm_up(unet, sampler, state: StepState, begin: int, runs: int = 2) -> None:
+    """Run the step at the job's first index, a few times: cuDNN picks its algorithms and Triton tunes its kernels
+    here rather than during capture. Each run restarts at `begin`, so a job of one step reads no table past its end."""
+    for _ in range(runs):
+        state.index.fill_(begin)
+        denoise_step(unet, sampler, state)
 
 
 _POOL = None
 
 
-def capture_cuda_graph(unet, sampler, inputs: DenoiseInputs) -> _Graph:
+def capture_cuda_graph(unet, sampler, inputs: DenoiseInputs, begin: int) -> _Graph:
     """Warm up on a side stream, then capture one step; all graphs share one memory pool."""
     global _POOL
+    sampler.reset(inputs.latents, begin)
     state = StepState(inputs)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # cuDNN heuristics and Triton autotuning happen here, outside the capture
-        for _ in range(2):
-            denoise_step(unet, sampler, state)
+    with torch.cuda.stream(side):
+        warm_up(unet, sampler, state, begin)
     torch.cuda.current_stream().wait_stream(side)
     if _POOL is None:
         _POOL = torch.cuda.graph_pool_handle()
@@ -168,7 +179,8 @@ class DenoiseRunner:
             raise ValueError(f"cuda_graphs: {mode!r} is not one of {', '.join(GRAPH_MODES)}")
         self.unet, self.mode = unet, mode
         self._capture_fn = capture or capture_cuda_graph
-        self.graphs = GraphCache(max_graphs, lambda sampler, inputs: self._capture_fn(self.unet, sampler, inputs))
+        # partial, not a lambda over self: no reference cycle keeps a dropped runner's graphs and UNet alive
+        self.graphs = GraphCache(max_graphs, functools.partial(self._capture_fn, unet))
         self._failed_keys: set = set()
 
     def uses_graphs(self, device: torch.device) -> bool:
@@ -183,22 +195,22 @@ class DenoiseRunner:
             return self._run(sampler, inputs, begin, callback)
 
     def _run(self, sampler, inputs: DenoiseInputs, begin: int, callback) -> torch.Tensor:
-        sampler.reset(inputs.latents, begin)
         key = graph_key(sampler, inputs)
         if self.uses_graphs(inputs.latents.device) and key not in self._failed_keys:
-            entry = self._graph_for(key, sampler, inputs)
+            entry = self._graph_for(key, sampler, inputs, begin)
             if entry is not None:
                 entry.sampler.reset(inputs.latents, begin)
                 entry.state.load(inputs, begin)
                 return self._loop(lambda: entry.graph.replay(), entry.state, sampler.num_steps - begin, callback)
+        sampler.reset(inputs.latents, begin)
         state = StepState(inputs)
         state.index.fill_(begin)
         return self._loop(lambda: denoise_step(self.unet, sampler, state), state, sampler.num_steps - begin,
                           callback)
 
-    def _graph_for(self, key, sampler, inputs: DenoiseInputs):
+    def _graph_for(self, key, sampler, inputs: DenoiseInputs, begin: int):
         try:
-            return self.graphs.get(key, sampler, inputs)
+            return self.graphs.get(key, sampler, inputs, begin)
         except Exception as error:  # any capture failure: run this key eagerly from now on
             self._failed_keys.add(key)
             log.warning("cuda graph capture failed; running eagerly", extra={"reason": repr(error),

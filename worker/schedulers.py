@@ -449,7 +449,7 @@ class PNDMSampler(_AlphaSampler):
 
     def step(self, model_output, sample, i, noise=None):
         ets1, ets2, ets3, cur_sample, accumulator = (self._buffer(k) for k in self.history)
-        rule = torch.clamp(i - self._begin, max=self._rule_count - 1)
+        rule = torch.clamp(i - self._begin, min=0, max=self._rule_count - 1)  # a table row, whatever i is
         w0, w1, w2, w3, w_acc, scale, divisor, keep, add = \
             self._weights.index_select(0, rule.reshape(1)).reshape(-1).unbind()
         push, save_sample, from_saved = self._flags.index_select(0, rule.reshape(1)).reshape(-1).unbind()
