@@ -167,3 +167,17 @@ def test_the_step_never_reads_a_tensor_back_to_the_host(pipe, scheduler, channel
     for _ in range(2):
         denoise_step(unet, sampler, state)
     assert state.latents.shape == (2, 4, 8, 8)
+
+
+def test_release_memory_drops_the_graphs_and_the_next_job_captures_again(pipe, scene):
+    graphs = DenoiseRunner(pipe.unet, capture=eager_capture)
+    eager, pipe.runner = pipe.runner, graphs
+    try:
+        want = _images(pipe, scene)
+        pipe.release_memory()
+        assert len(graphs.graphs) == 0
+        got = _images(pipe, scene)
+    finally:
+        pipe.runner = eager
+    assert graphs.graphs.captures == 2 and len(graphs.graphs) == 1
+    assert all(np.array_equal(a, b) for a, b in zip(want, got))

@@ -117,6 +117,9 @@ class GraphCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def clear(self) -> None:
+        self._entries.clear()
+
     def __contains__(self, key) -> bool:
         return key in self._entries
 

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import redis
+import torch
 from celery.exceptions import SoftTimeLimitExceeded
 from PIL import Image, UnidentifiedImageError
 
@@ -167,17 +168,34 @@ def job_seed(job: schema.Job) -> int:
 
 
 def paint(pipeline, job: schema.Job, image: Image.Image, mask: Image.Image, seed: int, callback) -> list:
+    """The job's images. Out of GPU memory, the pipeline lets go of what it caches (CUDA graphs, free blocks) and
+    the job runs once more (its progress starts again); out of memory again, it fails as too large for this GPU."""
     try:
-        return pipeline(job.prompt, image, mask, negative_prompt=job.negative_prompt,
-                        num_inference_steps=job.num_inference_steps, guidance_scale=job.guidance_scale,
-                        strength=job.strength, scheduler=job.scheduler, seed=seed,
-                        num_images_per_prompt=job.num_images, height=job.height, width=job.width,
-                        mask_blur=job.mask_blur, padding_mask_crop=job.padding_mask_crop,
-                        keep_unmasked=job.keep_unmasked, callback=callback)
+        try:
+            return _run_pipeline(pipeline, job, image, mask, seed, callback)
+        except torch.OutOfMemoryError:
+            log.warning("out of GPU memory; releasing cached graphs and memory, then running the job again",
+                        extra={"job_id": job.job_id})
+            pipeline.release_memory()
+            return _run_pipeline(pipeline, job, image, mask, seed, callback)
     # Only the pipeline's own argument checks (size multiples, strength x steps, ...) are the caller's fault; any
     # other ValueError (inside torch, say) is a worker bug and ends as internal.
     except InpaintArgumentError as error:
         raise schema.JobError(schema.INVALID_INPUT, str(error)) from None
+    except torch.OutOfMemoryError:
+        pipeline.release_memory()  # for the next job
+        size = f"{job.width or image.width}x{job.height or image.height}, {job.num_images} image(s)"
+        raise schema.JobError(schema.LIMIT_EXCEEDED, f"out of GPU memory at {size}, even with the worker's caches "
+                                                     "freed: lower width, height or num_images") from None
+
+
+def _run_pipeline(pipeline, job: schema.Job, image: Image.Image, mask: Image.Image, seed: int, callback) -> list:
+    return pipeline(job.prompt, image, mask, negative_prompt=job.negative_prompt,
+                    num_inference_steps=job.num_inference_steps, guidance_scale=job.guidance_scale,
+                    strength=job.strength, scheduler=job.scheduler, seed=seed,
+                    num_images_per_prompt=job.num_images, height=job.height, width=job.width,
+                    mask_blur=job.mask_blur, padding_mask_crop=job.padding_mask_crop,
+                    keep_unmasked=job.keep_unmasked, callback=callback)
 
 
 def encode_image(image: Image.Image, output_format: str) -> bytes:

@@ -4,6 +4,7 @@ prompt + image + mask -> text embeddings, latents and mask conditioning -> the d
 VAE decode -> PIL images, optionally pasted back over the original. Every random number is drawn on CPU generators,
 one per image, in the order diffusers' StableDiffusionInpaintPipeline draws them, so a seed gives diffusers' pixels.
 """
+import gc
 import math
 import secrets
 from dataclasses import dataclass
@@ -54,6 +55,15 @@ class InpaintPipeline:
         components = load_components(model, device=device, dtype=dtype, revision=revision, cache_dir=cache_dir,
                                      local_files_only=local_files_only)
         return cls(components, cuda_graphs=cuda_graphs, max_graphs=max_graphs)
+
+    def release_memory(self) -> None:
+        """Drop the captured CUDA graphs (each holds its step's activations) and hand cached GPU memory back: what
+        a job that ran out of memory may need. Graphs are captured again by the next jobs that use them."""
+        self.runner.graphs.clear()
+        gc.collect()
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):
+                torch.cuda.empty_cache()
 
     @property
     def size_multiple(self) -> int:

@@ -8,6 +8,7 @@ import uuid
 
 import boto3
 import pytest
+import torch
 from botocore.config import Config
 from PIL import Image
 
@@ -27,8 +28,10 @@ WORKER = "unit@test"
 class FakePipeline:
     """Calls back like the real pipeline and returns solid images; records its calls."""
 
-    def __init__(self, error=None, step_seconds=0.0):
+    def __init__(self, error=None, step_seconds=0.0, errors_left=None):
         self.calls, self.error, self.step_seconds = [], error, step_seconds
+        self.errors_left = errors_left  # raise `error` this many times, then succeed (None: always)
+        self.releases = 0
 
     def __call__(self, prompt, image, mask, callback=None, **options):
         self.calls.append({"prompt": prompt, "image": image, "mask": mask, **options})
@@ -37,11 +40,15 @@ class FakePipeline:
             time.sleep(self.step_seconds)
             if callback(step, total) is False:
                 raise InpaintCancelled("stopped by the callback")
-        if self.error is not None:
+        if self.error is not None and self.errors_left != 0:
+            self.errors_left = None if self.errors_left is None else self.errors_left - 1
             raise self.error
         width, height = options["width"] or image.width, options["height"] or image.height
         return [Image.new("RGB", (width, height), (options["seed"] + i) % 256)
                 for i in range(options["num_images_per_prompt"])]
+
+    def release_memory(self):
+        self.releases += 1
 
 
 @pytest.fixture(scope="module")
@@ -221,6 +228,23 @@ def test_pipeline_argument_error_is_invalid_input_and_other_errors_internal(sett
         code, message = failed(store, job)
         assert code == schema.INTERNAL and "secret" not in message
 
+
+
+def test_out_of_gpu_memory_frees_the_caches_and_runs_the_job_once_more(settings, store, storage):
+    job = make_job(storage)
+    pipeline = FakePipeline(error=torch.OutOfMemoryError("CUDA out of memory"), errors_left=1)
+    outcome = jobs.run_job(job, runtime_with(settings, store, storage, pipeline), WORKER, may_retry=True)
+    assert outcome.status == jobs.SUCCEEDED and len(pipeline.calls) == 2 and pipeline.releases == 1
+
+
+def test_out_of_gpu_memory_twice_fails_as_too_large_for_the_gpu(settings, store, storage):
+    job = make_job(storage, num_images=2)
+    pipeline = FakePipeline(error=torch.OutOfMemoryError("CUDA out of memory"))
+    outcome = jobs.run_job(job, runtime_with(settings, store, storage, pipeline), WORKER, may_retry=True)
+    assert outcome.status == jobs.FAILED and len(pipeline.calls) == 2
+    assert pipeline.releases == 2  # the second time for the jobs that follow
+    code, message = failed(store, job)
+    assert code == schema.LIMIT_EXCEEDED and "out of GPU memory at 64x64, 2 image(s)" in message
 
 def test_cancel_flag_stops_the_run_as_canceled(settings, store, storage):
     job = make_job(storage, num_inference_steps=10)
