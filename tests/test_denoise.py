@@ -181,3 +181,24 @@ def test_release_memory_drops_the_graphs_and_the_next_job_captures_again(pipe, s
         pipe.runner = eager
     assert graphs.graphs.captures == 2 and len(graphs.graphs) == 1
     assert all(np.array_equal(a, b) for a, b in zip(want, got))
+
+
+
+def test_out_of_memory_while_capturing_is_raised_not_held_against_the_shape(pipe, scene):
+    attempts = []
+
+    def capture_out_of_memory_once(unet, sampler, inputs, begin):
+        attempts.append(begin)
+        if len(attempts) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return eager_capture(unet, sampler, inputs, begin)
+
+    eager, pipe.runner = pipe.runner, DenoiseRunner(pipe.unet, mode="auto", capture=capture_out_of_memory_once)
+    try:
+        with pytest.raises(torch.OutOfMemoryError):
+            _images(pipe, scene)
+        pipe.release_memory()
+        _images(pipe, scene)  # captured this time, not run eagerly for good
+    finally:
+        pipe.runner, runner = eager, pipe.runner
+    assert len(attempts) == 2 and len(runner.graphs) == 1

@@ -75,6 +75,7 @@ def test_one_process_per_gpu_pinned_with_its_own_name_and_port():
     assert [s.hostname for s in specs] == ["inpaint@%h-gpu0", "inpaint@%h-gpu2", "inpaint@%h-gpu3"]
     assert [s.env["INPAINT_METRICS_PORT"] for s in specs] == ["9400", "9401", "9402"]
     assert all(s.env["INPAINT_GPUS"] == "" for s in specs)
+    assert all(s.env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID" for s in specs)  # nvidia-smi's numbering, not CUDA's
     assert specs[1].argv == ["python", "-m", "worker", "-l", "INFO", "--hostname", "inpaint@%h-gpu2",
                              "--concurrency", "1"]
 
@@ -133,14 +134,18 @@ def wait_for(paths: list[Path], timeout: float = 20.0) -> None:
         time.sleep(0.05)
 
 
-def test_supervisor_forwards_sigterm_to_every_child(tmp_path):
-    specs = child_specs(tmp_path, 3)
-    supervisor = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+def supervisor_process(specs: list[ProcessSpec]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import json, sys
         from worker.gpus import ProcessSpec, run_processes
         specs = [ProcessSpec(**item) for item in json.loads({json.dumps(json.dumps([vars(s) for s in specs]))})]
         sys.exit(run_processes(specs, poll_s=0.05))
     """)])
+
+
+def test_supervisor_forwards_sigterm_to_every_child(tmp_path):
+    specs = child_specs(tmp_path, 3)
+    supervisor = supervisor_process(specs)
     try:
         wait_for([tmp_path / f"{i}.json" for i in range(3)])
         supervisor.send_signal(signal.SIGTERM)
@@ -164,6 +169,28 @@ def test_supervisor_waits_for_all_and_reports_the_failure(tmp_path):
     assert all((tmp_path / f"{i}.json").exists() for i in range(3))
     assert signal.getsignal(signal.SIGTERM) is handler_before
 
+
+
+def test_a_failed_child_stops_the_others_so_the_set_restarts(tmp_path):
+    specs = child_specs(tmp_path, 3, {1: {"EXIT_WITH": "3"}})  # 0 and 2 run until they get SIGTERM
+    started = time.monotonic()
+    assert run_processes(specs, poll_s=0.05) == 3
+    assert time.monotonic() - started < 30  # not the children's own 60 s
+    assert [(tmp_path / f"{i}.term").read_text() for i in (0, 2)] == ["SIGTERM", "SIGTERM"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's")
+def test_children_get_sigterm_when_the_supervisor_is_killed(tmp_path):
+    specs = child_specs(tmp_path, 2)
+    supervisor = supervisor_process(specs)
+    try:
+        wait_for([tmp_path / f"{i}.json" for i in range(2)])
+        supervisor.kill()  # SIGKILL: no handler of the supervisor's runs
+        supervisor.wait(10)
+        wait_for([tmp_path / f"{i}.term" for i in range(2)])
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
 
 def test_child_killed_by_a_signal_counts_as_128_plus_n(tmp_path):
     specs = [ProcessSpec(argv=[sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])]

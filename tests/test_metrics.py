@@ -97,6 +97,7 @@ def test_gpu_memory_is_observed_only_with_cuda():
         assert peak == torch.cuda.max_memory_allocated() and value == peak
     else:
         assert peak is None and value == 0
+    assert metrics.observe_gpu_memory(torch.device("cpu")) is None  # a CPU worker on a GPU host: nothing to read
 
 
 def test_ports_per_process_and_off():

@@ -211,10 +211,17 @@ class DenoiseRunner:
         return self._loop(lambda: denoise_step(self.unet, sampler, state), state, sampler.num_steps - begin,
                           callback)
 
+    def forget_graphs(self) -> None:
+        """Drop every captured graph, and the record of keys that failed to capture (memory may have been why)."""
+        self.graphs.clear()
+        self._failed_keys.clear()
+
     def _graph_for(self, key, sampler, inputs: DenoiseInputs, begin: int):
         try:
             return self.graphs.get(key, sampler, inputs, begin)
-        except Exception as error:  # any capture failure: run this key eagerly from now on
+        except torch.OutOfMemoryError:
+            raise  # not this shape's fault: the job's caller frees memory and runs it again
+        except Exception as error:  # any other capture failure: run this key eagerly from now on
             self._failed_keys.add(key)
             log.warning("cuda graph capture failed; running eagerly", extra={"reason": repr(error),
                                                                             "key": repr(key)})

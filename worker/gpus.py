@@ -6,7 +6,10 @@
 `ProcessSpec` per GPU: pinned with CUDA_VISIBLE_DEVICES (each process sees its GPU as cuda:0), its own node name
 `inpaint@%h-gpu<i>`, concurrency 1, metrics on INPAINT_METRICS_PORT + i. `--gpus none` plans one process with no
 GPU visible (the CPU). `run_processes(specs)` starts them, forwards SIGTERM/SIGINT (Celery's warm shutdown: the
-running job finishes first) and returns when all have exited: 0, or the first failure's status.
+running job finishes first) and returns when all have exited: 0, or the first failure's status. A process that
+fails (crash, hard time limit, lost GPU) makes the supervisor stop the others the same way and exit with its
+status, so that what restarts the supervisor (container, unit) restarts the whole set rather than leaving a GPU
+idle; and children die with their supervisor, whatever kills it.
 
 The supervisor never touches CUDA: it counts devices from CUDA_VISIBLE_DEVICES or `nvidia-smi -L`, and only
 falls back to torch.cuda.device_count() (NVML, no CUDA context) when neither is there. The children are started
@@ -32,6 +35,7 @@ METRICS_PORT_ENV = "INPAINT_METRICS_PORT"
 HOSTNAME_OPTIONS = ("-n", "--hostname")
 CONCURRENCY_OPTIONS = ("-c", "--concurrency")
 POLL_S = 0.2
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 NVIDIA_SMI_TIMEOUT_S = 30
 # `nvidia-smi -L` lines: "GPU 0: NVIDIA H100 ... (UUID: GPU-...)" and, under a GPU in MIG mode,
 # "  MIG 3g.40gb Device 0: (UUID: MIG-...)". A MIG slice can only be chosen by its UUID.
@@ -172,8 +176,9 @@ def plan_processes(gpus: list[int], argv: list[str], device_ids: list[str] | Non
     specs = []
     for index, (name, device) in enumerate(slots):
         hostname = f"inpaint@%h-{name}"
-        # INPAINT_GPUS is emptied so the child runs a worker itself instead of supervising again.
-        env = {"CUDA_VISIBLE_DEVICES": device, GPUS_ENV: ""}
+        # INPAINT_GPUS is emptied so the child runs a worker itself instead of supervising again. GPU indices are
+        # nvidia-smi's, which counts in PCI bus order; CUDA's default order (fastest first) may differ.
+        env = {"CUDA_VISIBLE_DEVICES": device, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", GPUS_ENV: ""}
         if metrics_port:
             env[METRICS_PORT_ENV] = str(metrics_port + index)
         specs.append(ProcessSpec(argv=[*base, *argv, "--hostname", hostname, "--concurrency", "1"], env=env,
@@ -198,7 +203,8 @@ def run_processes(specs: list[ProcessSpec], poll_s: float = POLL_S) -> int:
         for spec in specs:
             # Its own session: a Ctrl-C in a terminal reaches only the supervisor, which forwards it once (a second
             # SIGINT would be Celery's cold shutdown, abandoning the running job).
-            children.append(subprocess.Popen(spec.argv, env={**os.environ, **spec.env}, start_new_session=True))
+            children.append(subprocess.Popen(spec.argv, env={**os.environ, **spec.env}, start_new_session=True,
+                                             preexec_fn=_die_with_parent))
             log.info("worker process started", extra={"pid": children[-1].pid, "hostname": spec.hostname,
                                                       "cuda_visible_devices": spec.env.get("CUDA_VISIBLE_DEVICES")})
         return _wait_all(children, specs, poll_s)
@@ -219,10 +225,31 @@ def _wait_all(children: list[subprocess.Popen], specs: list[ProcessSpec], poll_s
                 level = logging.INFO if child.returncode == 0 else logging.ERROR
                 log.log(level, "worker process exited", extra={"pid": child.pid, "hostname": specs[index].hostname,
                                                                "returncode": child.returncode})
+                if child.returncode != 0:
+                    _stop_the_others(children, statuses, specs[index].hostname)
         if len(statuses) < len(children):
             time.sleep(poll_s)
     failures = [statuses[index] for index in sorted(statuses) if statuses[index] != 0]
     return failures[0] if failures else 0
+
+
+def _stop_the_others(children: list[subprocess.Popen], statuses: dict[int, int], failed: str) -> None:
+    """Warm shutdown for the processes still running (their jobs finish first), so the set restarts as one."""
+    running = [child for index, child in enumerate(children) if index not in statuses and child.poll() is None]
+    if running:
+        log.error("a worker process failed; stopping the others so that the whole set restarts",
+                  extra={"hostname": failed, "stopping": len(running)})
+    for child in running:
+        child.terminate()
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the supervisor dies, even by SIGKILL (Linux), so no worker is left
+    holding its GPU and taking jobs when the supervisor is restarted."""
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _exit_status(returncode: int) -> int:

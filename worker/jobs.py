@@ -3,6 +3,7 @@
 `run_job(raw_job, runtime, worker, may_retry)` is the whole job; its collaborators (state store, storage, the
 pipeline) come in through `Runtime`, so tests hand in their own.
 """
+import contextlib
 import dataclasses
 import io
 import logging
@@ -28,7 +29,7 @@ from worker.storage import Storage
 
 __all__ = ["Runtime", "Outcome", "PipelineHolder", "run_job", "validate_job", "decode_image", "load_inputs",
            "job_seed", "paint", "encode_image", "upload_outputs", "retry_delay_s", "load_pipeline",
-           "SUCCEEDED", "FAILED", "CANCELED", "SKIPPED", "REJECTED", "RETRY"]
+           "hard_time_limit", "SUCCEEDED", "FAILED", "CANCELED", "SKIPPED", "REJECTED", "RETRY"]
 
 log = logging.getLogger("inpaint.jobs")
 
@@ -91,6 +92,24 @@ class PipelineHolder:
                 log.info("model loaded", extra={"load_s": round(time.monotonic() - started, 3)})
             return self._pipeline
 
+    @property
+    def loaded(self):
+        """The pipeline if it is loaded, else None (never starts a load)."""
+        return self._pipeline
+
+
+
+@contextlib.contextmanager
+def hard_time_limit(seconds: float, on_expiry: Callable[[], None]):
+    """Run the body; should it last past `seconds`, call `on_expiry` from a timer thread meanwhile. The task ends its
+    process from there: a CUDA call that hangs (a wedged GPU) can be interrupted no other way."""
+    timer = threading.Timer(seconds, on_expiry)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 @dataclasses.dataclass
 class Runtime:

@@ -90,10 +90,11 @@ class FleetMetrics:
         self.graphs.inc()
 
     def observe_gpu_memory(self, device=None) -> int | None:
-        """Peak allocated bytes on `device` (the current CUDA device by default); None without CUDA."""
+        """Peak allocated bytes on `device` (the current CUDA device by default); None without CUDA or for a
+        device that is not a GPU."""
         import torch  # here, not at the top: the client side and the GPU supervisor never load torch
 
-        if not torch.cuda.is_available():
+        if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
             return None
         peak = torch.cuda.max_memory_allocated(device)
         self.gpu_max_allocated.set(peak)

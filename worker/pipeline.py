@@ -59,7 +59,7 @@ class InpaintPipeline:
     def release_memory(self) -> None:
         """Drop the captured CUDA graphs (each holds its step's activations) and hand cached GPU memory back: what
         a job that ran out of memory may need. Graphs are captured again by the next jobs that use them."""
-        self.runner.graphs.clear()
+        self.runner.forget_graphs()
         gc.collect()
         if self.device.type == "cuda":
             with torch.cuda.device(self.device):

@@ -4,6 +4,7 @@ The runtime (Redis state store, S3 client, model holder) is built once per worke
 model itself loads at `worker_process_init` (the solo pool sends it too), after any fork.
 """
 import logging
+import os
 import time
 
 import redis
@@ -21,14 +22,18 @@ __all__ = ["run", "runtime"]
 
 log = logging.getLogger("inpaint.tasks")
 _runtime: jobs.Runtime | None = None
+# The solo pool (worker/__main__.py) enforces no time limit; the task's own timer does, a little after the hard
+# limit so that a prefork pool, which does enforce it, always acts first.
+HARD_LIMIT_GRACE_S = 5
+HARD_LIMIT_EXIT_STATUS = 124  # as timeout(1)
+_pipelines = jobs.PipelineHolder(lambda: jobs.load_pipeline(settings))
 
 
 def runtime() -> jobs.Runtime:
     global _runtime
     if _runtime is None:
-        holder = jobs.PipelineHolder(lambda: jobs.load_pipeline(settings))
         _runtime = jobs.Runtime(settings=settings, store=JobStore.from_settings(settings),
-                                storage=Storage.from_settings(settings), pipeline=holder.get)
+                                storage=Storage.from_settings(settings), pipeline=_pipelines.get)
     return _runtime
 
 
@@ -37,11 +42,14 @@ def run(self, job: dict) -> dict:
     retries = self.request.retries
     delay = jobs.retry_delay_s(settings, retries)
     try:
-        outcome = jobs.run_job(job, runtime(), worker=self.request.hostname, may_retry=retries < settings.max_retries)
+        with jobs.hard_time_limit(settings.time_limit_s + HARD_LIMIT_GRACE_S, lambda: _end_at_hard_limit(job)):
+            outcome = jobs.run_job(job, runtime(), worker=self.request.hostname,
+                                   may_retry=retries < settings.max_retries)
     except redis.RedisError as error:  # the state store is down: nothing could be recorded, try the delivery again
         raise self.retry(exc=error, countdown=delay, max_retries=settings.max_retries)
     metrics.record_job(outcome.status, outcome.queue_wait_s, outcome.run_s, outcome.steps, outcome.images,
                        outcome.denoise_s)
+    _observe_gpu_memory()
     if outcome.status == jobs.RETRY:
         # The retry's message carries the job on; a watchdog must not send a second copy meanwhile.
         lease.forget(runtime().store.redis, job["job_id"])
@@ -70,6 +78,7 @@ def _start_process(**kwargs) -> None:
         log.exception("model not loaded", extra={"code": schema.MODEL_UNAVAILABLE, "error": str(error)})
         return
     _warm_up(pipeline)
+    _observe_gpu_memory()
     metrics.set_ready(True)
     log.info("model ready", extra={"model": settings.model, "load_s": round(time.monotonic() - started, 3)})
 
@@ -84,6 +93,11 @@ def _warm_up(pipeline) -> None:
             log.exception("warm-up failed", extra={**shape, "code": schema.INTERNAL, "error": str(error)})
             return
         log.info("warmed up", extra=shape)
+
+
+def _observe_gpu_memory() -> None:
+    if _pipelines.loaded is not None:
+        metrics.observe_gpu_memory(_pipelines.loaded.device)
 
 
 def _start_watchdog() -> None:
@@ -126,8 +140,26 @@ def _record_revoked(request=None, expired=False, **kwargs) -> None:
 def _record_hard_timeout(exception=None, args=None, **kwargs) -> None:
     """The hard time limit killed the job's process (prefork pools): the job cannot report it, the parent does."""
     job = args[0] if args else None
+    if isinstance(exception, TimeLimitExceeded):
+        _fail_at_hard_limit(job)
+
+
+def _fail_at_hard_limit(job) -> None:
     job_id = job.get("job_id") if isinstance(job, dict) else None
-    if isinstance(exception, TimeLimitExceeded) and schema.is_job_id(job_id):
+    if schema.is_job_id(job_id):
         error = schema.JobError(schema.TIMEOUT, f"killed at the hard time limit of {settings.time_limit_s}s "
                                                 "(INPAINT_TIME_LIMIT_S)")
         runtime().store.finish(job_id, schema.FAILED, error=error.to_dict())
+
+
+def _end_at_hard_limit(job) -> None:
+    """The job outlived the hard limit (the soft one is checked between steps, so the GPU or a call is stuck): record
+    it as failed, then end the process; its supervisor or container starts a fresh one, with a fresh CUDA context."""
+    log.critical("job past the hard time limit; ending the worker process",
+                 extra={"job_id": job.get("job_id") if isinstance(job, dict) else None,
+                        "time_limit_s": settings.time_limit_s})
+    try:
+        _fail_at_hard_limit(job)
+    finally:
+        logging.shutdown()
+        os._exit(HARD_LIMIT_EXIT_STATUS)

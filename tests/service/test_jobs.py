@@ -2,6 +2,10 @@
 import dataclasses
 import hashlib
 import io
+import os
+import subprocess
+import sys
+import textwrap
 import time
 import urllib.request
 import uuid
@@ -359,3 +363,32 @@ def test_retry_delay_doubles_up_to_the_cap(settings):
     capped = dataclasses.replace(settings, retry_backoff_s=1.0, retry_backoff_max_s=5.0)
     assert [jobs.retry_delay_s(capped, n) for n in range(5)] == [1.0, 2.0, 4.0, 5.0, 5.0]
 
+
+
+def test_hard_time_limit_calls_back_only_when_the_body_outlives_it():
+    fired = []
+    with jobs.hard_time_limit(0.1, lambda: fired.append("late")):
+        time.sleep(0.4)
+    with jobs.hard_time_limit(0.3, lambda: fired.append("early")):
+        pass
+    time.sleep(0.5)
+    assert fired == ["late"]
+
+
+def test_a_job_stuck_past_the_hard_limit_is_failed_and_its_process_ends(redis_server, s3_server, store, storage):
+    # The solo pool enforces no time limit: the task's own timer records the timeout and ends the process.
+    job = make_job(storage)
+    env = {**os.environ, **devstack.worker_env(redis_server.url, s3_server.endpoint_url, BUCKET, "unused-model",
+                                               INPAINT_TIME_LIMIT_S="2", INPAINT_SOFT_TIME_LIMIT_S="1")}
+    stuck = textwrap.dedent(f"""
+        import time
+        from worker import jobs, tasks
+        with jobs.hard_time_limit(1, lambda: tasks._end_at_hard_limit({{"job_id": "{job['job_id']}"}})):
+            time.sleep(60)  # a wedged GPU call
+    """)
+    store.claim(job["job_id"], WORKER, 30, None)
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", stuck], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 124, done.stderr[-2000:]
+    assert time.monotonic() - started < 30
+    assert failed(store, job)[0] == schema.TIMEOUT

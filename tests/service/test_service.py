@@ -52,7 +52,9 @@ def test_submitted_job_runs_and_reports_everything(service):
 
 
 def test_two_workers_share_the_queue(service):
-    job_ids = [service.client.submit(sample_image(), sample_mask(), f"job {i}", num_inference_steps=2,
+    # Ten steps (about a second each job): long enough that the first worker is still busy when the second job
+    # comes, even on a loaded machine; at two steps one worker could finish and take both.
+    job_ids = [service.client.submit(sample_image(), sample_mask(), f"job {i}", num_inference_steps=10,
                                      scheduler="ddim", seed=i) for i in range(2)]
     statuses = [wait_final(service, job_id) for job_id in job_ids]
     assert all(status.state == schema.SUCCEEDED for status in statuses)
