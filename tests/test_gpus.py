@@ -23,7 +23,7 @@ GPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-66666666-7777-8888-9999-000000000000)
 """
 
 # A stand-in for a worker process: records its pinning and argv, then waits for SIGTERM (exit 0) or exits with
-# the status given by the EXIT_WITH variable.
+# the status given by the EXIT_WITH variable (once the children named in EXIT_AFTER have started).
 CHILD = textwrap.dedent("""
     import json, os, signal, sys, time
     out = os.path.join(os.environ["OUT_DIR"], os.environ["CUDA_VISIBLE_DEVICES"] or "cpu")
@@ -36,6 +36,9 @@ CHILD = textwrap.dedent("""
         json.dump({"argv": sys.argv[1:], "cuda": os.environ["CUDA_VISIBLE_DEVICES"],
                    "metrics_port": os.environ.get("INPAINT_METRICS_PORT"), "gpus": os.environ["INPAINT_GPUS"],
                    "process_group": os.getpgrp()}, f)
+    for other in filter(None, os.environ.get("EXIT_AFTER", "").split(",")):  # the others up, handlers set
+        while not os.path.exists(os.path.join(os.environ["OUT_DIR"], other + ".json")):
+            time.sleep(0.02)
     if "EXIT_WITH" in os.environ:
         sys.exit(int(os.environ["EXIT_WITH"]))
     time.sleep(60)
@@ -172,7 +175,7 @@ def test_supervisor_waits_for_all_and_reports_the_failure(tmp_path):
 
 
 def test_a_failed_child_stops_the_others_so_the_set_restarts(tmp_path):
-    specs = child_specs(tmp_path, 3, {1: {"EXIT_WITH": "3"}})  # 0 and 2 run until they get SIGTERM
+    specs = child_specs(tmp_path, 3, {1: {"EXIT_WITH": "3", "EXIT_AFTER": "0,2"}})  # 0 and 2 run until SIGTERM
     started = time.monotonic()
     assert run_processes(specs, poll_s=0.05) == 3
     assert time.monotonic() - started < 30  # not the children's own 60 s
