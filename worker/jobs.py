@@ -98,7 +98,6 @@ class PipelineHolder:
         return self._pipeline
 
 
-
 @contextlib.contextmanager
 def hard_time_limit(seconds: float, on_expiry: Callable[[], None]):
     """Run the body; should it last past `seconds`, call `on_expiry` from a timer thread meanwhile. The task ends its
@@ -110,6 +109,7 @@ def hard_time_limit(seconds: float, on_expiry: Callable[[], None]):
         yield
     finally:
         timer.cancel()
+
 
 @dataclasses.dataclass
 class Runtime:

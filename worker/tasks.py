@@ -21,11 +21,12 @@ from worker.storage import Storage
 __all__ = ["run", "runtime"]
 
 log = logging.getLogger("inpaint.tasks")
-_runtime: jobs.Runtime | None = None
 # The solo pool (worker/__main__.py) enforces no time limit; the task's own timer does, a little after the hard
 # limit so that a prefork pool, which does enforce it, always acts first.
 HARD_LIMIT_GRACE_S = 5
 HARD_LIMIT_EXIT_STATUS = 124  # as timeout(1)
+
+_runtime: jobs.Runtime | None = None
 _pipelines = jobs.PipelineHolder(lambda: jobs.load_pipeline(settings))
 
 
@@ -139,13 +140,15 @@ def _record_revoked(request=None, expired=False, **kwargs) -> None:
 @signals.task_failure.connect
 def _record_hard_timeout(exception=None, args=None, **kwargs) -> None:
     """The hard time limit killed the job's process (prefork pools): the job cannot report it, the parent does."""
-    job = args[0] if args else None
     if isinstance(exception, TimeLimitExceeded):
-        _fail_at_hard_limit(job)
+        _fail_at_hard_limit(_job_id(args[0] if args else None))
 
 
-def _fail_at_hard_limit(job) -> None:
-    job_id = job.get("job_id") if isinstance(job, dict) else None
+def _job_id(job) -> str | None:
+    return job.get("job_id") if isinstance(job, dict) else None
+
+
+def _fail_at_hard_limit(job_id: str | None) -> None:
     if schema.is_job_id(job_id):
         error = schema.JobError(schema.TIMEOUT, f"killed at the hard time limit of {settings.time_limit_s}s "
                                                 "(INPAINT_TIME_LIMIT_S)")
@@ -155,11 +158,11 @@ def _fail_at_hard_limit(job) -> None:
 def _end_at_hard_limit(job) -> None:
     """The job outlived the hard limit (the soft one is checked between steps, so the GPU or a call is stuck): record
     it as failed, then end the process; its supervisor or container starts a fresh one, with a fresh CUDA context."""
+    job_id = _job_id(job)
     log.critical("job past the hard time limit; ending the worker process",
-                 extra={"job_id": job.get("job_id") if isinstance(job, dict) else None,
-                        "time_limit_s": settings.time_limit_s})
+                 extra={"job_id": job_id, "time_limit_s": settings.time_limit_s})
     try:
-        _fail_at_hard_limit(job)
+        _fail_at_hard_limit(job_id)
     finally:
         logging.shutdown()
         os._exit(HARD_LIMIT_EXIT_STATUS)
