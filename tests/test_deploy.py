@@ -18,6 +18,7 @@ import pytest
 import yaml
 from kombu.transport.redis import Channel
 
+from api_client import schema
 from worker import gpus
 from worker.app import create_app
 from worker.settings import Settings
@@ -227,6 +228,22 @@ def test_compose_one_gpu_per_worker():
             assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
             devices[name] = device["device_ids"]
     assert devices == {"worker-gpu0": ["0"], "worker-gpu1": ["1"]}
+
+
+def default_job_shape() -> dict:
+    """INPAINT_WARMUP's form of the job a client sends with no options, at 512x512."""
+    steps = schema.Job.__dataclass_fields__["num_inference_steps"].default
+    return {"width": 512, "height": 512, "num_inference_steps": steps}
+
+
+def test_gpu_workers_warm_up_the_default_job_before_taking_jobs():
+    workers = worker_services(compose())
+    for name, service in workers.items():
+        warmup = interpolate(service["environment"]["INPAINT_WARMUP"])
+        shapes = Settings.from_env({"INPAINT_WARMUP": warmup}).warmup_shapes
+        assert shapes == ([] if name == "worker-cpu" else [default_job_shape()]), name
+    configured = manifest("ConfigMap", "inpaint-worker")["data"]["INPAINT_WARMUP"]
+    assert Settings.from_env({"INPAINT_WARMUP": configured}).warmup_shapes == [default_job_shape()]
 
 
 def test_compose_redis_is_durable_password_protected_and_never_evicts():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.gpus import (ProcessSpec, parse_gpus, plan_processes, run_processes, split_gpus_option,
+from worker.gpus import (ProcessSpec, check_device, parse_gpus, plan_processes, run_processes, split_gpus_option,
                          visible_devices)
 
 SMI_TWO_GPUS = """GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-11111111-2222-3333-4444-555555555555)
@@ -97,6 +97,21 @@ def test_none_plans_one_cpu_process_with_no_gpu_visible():
     assert spec.env["INPAINT_METRICS_PORT"] == "9400"
 
 
+@pytest.mark.parametrize("device", ["", "cuda", "CUDA:0"])
+def test_a_device_each_gpu_process_can_use_is_accepted(device):
+    check_device(device, [0, 1])
+
+
+@pytest.mark.parametrize("device, gpus, message", [
+    ("cuda:1", [0, 1], "INPAINT_DEVICE='cuda:1' with --gpus: each worker process sees only its own GPU, as cuda:0"),
+    ("cpu", [0], "sees only its own GPU.*set INPAINT_DEVICE=cuda or leave it empty"),
+    ("cuda", [], "sees no GPU; set INPAINT_DEVICE=cpu or leave it empty"),
+])
+def test_a_device_the_gpu_processes_cannot_use_is_refused(device, gpus, message):
+    with pytest.raises(ValueError, match=message):
+        check_device(device, gpus)
+
+
 @pytest.mark.parametrize("option", ["-n", "--hostname", "--hostname=x@y", "-c", "--concurrency"])
 def test_per_process_options_are_refused(option):
     with pytest.raises(ValueError, match="set per process by --gpus"):
@@ -166,12 +181,13 @@ def test_supervisor_forwards_sigterm_to_every_child(tmp_path):
 
 
 def test_supervisor_waits_for_all_and_reports_the_failure(tmp_path):
-    specs = child_specs(tmp_path, 3, {0: {"EXIT_WITH": "0"}, 1: {"EXIT_WITH": "3"}, 2: {"EXIT_WITH": "0"}})
+    # 1 fails only once the others are up: a SIGTERM from the supervisor could otherwise stop one before it starts.
+    specs = child_specs(tmp_path, 3, {0: {"EXIT_WITH": "0"}, 1: {"EXIT_WITH": "3", "EXIT_AFTER": "0,2"},
+                                      2: {"EXIT_WITH": "0"}})
     handler_before = signal.getsignal(signal.SIGTERM)
     assert run_processes(specs, poll_s=0.05) == 3
     assert all((tmp_path / f"{i}.json").exists() for i in range(3))
     assert signal.getsignal(signal.SIGTERM) is handler_before
-
 
 
 def test_a_failed_child_stops_the_others_so_the_set_restarts(tmp_path):

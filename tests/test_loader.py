@@ -11,7 +11,8 @@ import torch
 from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
 from safetensors.torch import load_file, save_file
 
-from worker.model.loader import ModelLoadError, load_components, resolve_dtype, resolve_model_folder
+from worker.model.loader import (ModelLoadError, check_device_runs, load_components, resolve_dtype,
+                                 resolve_model_folder)
 from worker.model.text import TextEncoder
 from worker.model.tiny import SCHEDULER_CONFIG, WORDS, main as tiny_main, write_tiny_model
 
@@ -239,6 +240,39 @@ def test_dtype_names_and_bad_values():
         resolve_dtype("int8", cpu)
     with pytest.raises(ValueError, match="device must be"):
         load_components("org/x", device="gpu0")
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """torch.cuda as seen on a host with the given GPUs: (name, compute capability) pairs."""
+    def install(*gpus):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: bool(gpus))
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: len(gpus))
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: gpus[device.index or 0][1])
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpus[device.index or 0][0])
+    return install
+
+
+@pytest.mark.parametrize("device, dtype", [("cuda", torch.bfloat16), ("cuda:1", torch.float16),
+                                           ("cpu", torch.bfloat16)])
+def test_a_device_and_dtype_the_host_can_run_are_accepted(fake_gpus, device, dtype):
+    fake_gpus(("NVIDIA H100", (9, 0)), ("Tesla T4", (7, 5)))
+    check_device_runs(torch.device(device), dtype)
+
+
+@pytest.mark.parametrize("gpus, device, dtype, message", [
+    ((), "cuda", torch.float16, "device cuda: no CUDA GPU is visible to this process.*use cpu"),
+    ([("NVIDIA H100", (9, 0))], "cuda:1", torch.float16,
+     r"device cuda:1: this process sees 1 GPU\(s\), cuda:0 to cuda:0"),
+    ([("NVIDIA H100", (9, 0)), ("Tesla T4", (7, 5))], "cuda:1", torch.bfloat16,
+     r"bfloat16 needs a GPU of compute capability 8.0.*Tesla T4 is 7.5: use float16"),
+])
+def test_a_device_or_dtype_the_host_cannot_run_fails_before_loading(fake_gpus, gpus, device, dtype, message):
+    fake_gpus(*gpus)
+    with pytest.raises(ModelLoadError, match=message):
+        check_device_runs(torch.device(device), dtype)
+    with pytest.raises(ModelLoadError, match=message):   # before the model is looked for: it does not exist
+        load_components("/no/such/model", device=device, dtype=dtype)
 
 
 def test_text_encoder_matches_diffusers_encode_prompt(components, tiny_model_dir):

@@ -23,7 +23,7 @@ def main(argv=None) -> None:
         spec, celery_options = gpus.split_gpus_option(list(sys.argv[1:] if argv is None else argv), settings.gpus)
         if spec:
             sys.exit(gpus.supervise(spec, celery_options, metrics_port=settings.metrics_port,
-                                    log_level=settings.log_level))
+                                    log_level=settings.log_level, device=settings.device))
     except ValueError as error:  # a clear line naming the variable or option, not a traceback from inside Celery
         sys.exit(f"inpaint-worker: {error}")
     from worker.tasks import app

@@ -25,8 +25,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["ProcessSpec", "GPUS_ENV", "split_gpus_option", "parse_gpus", "visible_devices", "plan_processes",
-           "run_processes", "supervise"]
+__all__ = ["ProcessSpec", "GPUS_ENV", "split_gpus_option", "parse_gpus", "visible_devices", "check_device",
+           "plan_processes", "run_processes", "supervise"]
 
 log = logging.getLogger("inpaint.gpus")
 
@@ -156,6 +156,17 @@ def _devices_from_smi(output: str) -> list[str]:
     return devices
 
 
+def check_device(device: str, gpus: list[int]) -> None:
+    """Refuse an INPAINT_DEVICE the planned processes could not honour: each process sees only its own GPU, as
+    cuda:0, and the `--gpus none` process sees none."""
+    wanted = device.strip().lower()
+    allowed = ("", "cuda", "cuda:0") if gpus else ("", "cpu")
+    if wanted not in allowed:
+        sees = "only its own GPU, as cuda:0" if gpus else "no GPU"
+        raise ValueError(f"INPAINT_DEVICE={device!r} with --gpus: each worker process sees {sees}; set "
+                         f"INPAINT_DEVICE={allowed[1]} or leave it empty")
+
+
 def plan_processes(gpus: list[int], argv: list[str], device_ids: list[str] | None = None, metrics_port: int = 0,
                    command: list[str] | None = None) -> list[ProcessSpec]:
     """One worker process per GPU position in `gpus` (none: one CPU process).
@@ -270,14 +281,16 @@ def _stop(children: list[subprocess.Popen]) -> None:
 
 
 def supervise(spec: str, argv: list[str], metrics_port: int = 0, log_level: str = "INFO",
-              command: list[str] | None = None) -> int:
+              command: list[str] | None = None, device: str = "") -> int:
     """`inpaint-worker --gpus SPEC [celery options]`: plan this host's worker processes (`command`: how to start
-    one, default `python -m worker`) and run them until all have exited."""
+    one, default `python -m worker`; `device`: INPAINT_DEVICE) and run them until all have exited."""
     from worker.app import log_as_json  # the workers' JSON log format (Celery does not configure this process)
 
     log_as_json(log_level)
     devices = visible_devices() if spec.strip().lower() != "none" else []
-    specs = plan_processes(parse_gpus(spec, len(devices)), argv, devices, metrics_port, command)
+    gpus = parse_gpus(spec, len(devices))
+    check_device(device, gpus)
+    specs = plan_processes(gpus, argv, devices, metrics_port, command)
     log.info("supervising worker processes", extra={"gpus": spec, "processes": [s.hostname for s in specs]})
     return run_processes(specs)
 

@@ -5,8 +5,9 @@ The job layer calls the module functions (`record_job`, `set_ready`, `record_gra
 background thread. Each worker process serves its own port: the GPU supervisor (worker.gpus) gives process i the
 port INPAINT_METRICS_PORT + i, and a prefork pool child adds its pool index (`metrics_port(base, index)`).
 
-`/ready` answers 200 once the model is loaded and warmed (`set_ready(True)`), 503 before and after a failed load:
-Kubernetes' readiness probe and the Docker HEALTHCHECK call it. `/healthz` answers 200 while the process serves.
+`/ready` answers 200 once the model is loaded and warmed (`set_ready(True)`), 503 before (a process whose model
+does not load exits: worker.tasks); Kubernetes' readiness probe and the Docker HEALTHCHECK call it. `/healthz`
+answers 200 while the process serves.
 """
 import logging
 import threading

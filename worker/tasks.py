@@ -25,6 +25,7 @@ log = logging.getLogger("inpaint.tasks")
 # limit so that a prefork pool, which does enforce it, always acts first.
 HARD_LIMIT_GRACE_S = 5
 HARD_LIMIT_EXIT_STATUS = 124  # as timeout(1)
+MODEL_UNAVAILABLE_EXIT_STATUS = 3  # the model did not load: nothing was consumed, a restart may help
 
 _runtime: jobs.Runtime | None = None
 _pipelines = jobs.PipelineHolder(lambda: jobs.load_pipeline(settings))
@@ -63,25 +64,36 @@ def run(self, job: dict) -> dict:
 
 @signals.worker_process_init.connect
 def _start_process(**kwargs) -> None:
-    """Serve metrics, then load the model, so the first job does not wait for it and /ready turns 200 when it
-    can run jobs. A failed load is only logged (an exception here would only be logged by Celery, unstructured):
-    the process stays not ready, and each job tries again and fails with model_unavailable."""
+    """Serve metrics, load the model and warm it up, then turn /ready 200. Celery sends this before the worker
+    consumes, so a worker whose model will not load never takes a job: it tries INPAINT_MAX_RETRIES more times
+    with backoff, then exits with MODEL_UNAVAILABLE_EXIT_STATUS, leaving the queue to healthy workers; whatever
+    restarts it (container, unit, supervisor) tries again with a fresh process and CUDA context."""
     log.info("worker settings", extra={"settings": settings.redacted()})
     _serve_metrics()
     _start_watchdog()
     started = time.monotonic()
-    try:
-        pipeline = runtime().pipeline()
-    except schema.JobError as error:
-        log.error("model not loaded", extra={"code": error.code, "error": error.message})
-        return
-    except Exception as error:
-        log.exception("model not loaded", extra={"code": schema.MODEL_UNAVAILABLE, "error": str(error)})
-        return
+    pipeline = _load_model_or_exit()
     _warm_up(pipeline)
     _observe_gpu_memory()
     metrics.set_ready(True)
     log.info("model ready", extra={"model": settings.model, "load_s": round(time.monotonic() - started, 3)})
+
+
+def _load_model_or_exit():
+    """The pipeline, loaded within 1 + INPAINT_MAX_RETRIES tries; SystemExit, which Celery lets end the process
+    (an exception would only be logged and the worker would consume anyway), when none succeeds."""
+    tries = settings.max_retries + 1
+    for retries in range(tries):
+        try:
+            return runtime().pipeline()
+        except schema.JobError as error:   # any load failure: the holder names it and its cause
+            log.error("model not loaded", extra={"code": error.code, "error": error.message, "try": retries + 1,
+                                                 "tries": tries, "model": settings.model})
+        if retries + 1 < tries:
+            time.sleep(jobs.retry_delay_s(settings, retries))
+    log.critical("model unavailable; the worker exits without taking jobs",
+                 extra={"code": schema.MODEL_UNAVAILABLE, "exit_status": MODEL_UNAVAILABLE_EXIT_STATUS})
+    raise SystemExit(MODEL_UNAVAILABLE_EXIT_STATUS)
 
 
 def _warm_up(pipeline) -> None:

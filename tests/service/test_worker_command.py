@@ -25,3 +25,11 @@ def test_bad_gpus_option_stops_the_worker_with_a_clear_message():
     done = subprocess.run([sys.executable, "-m", "worker", "--gpus"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert done.stderr.strip().startswith("inpaint-worker: --gpus: missing value")
+
+
+def test_an_indexed_device_with_gpus_stops_the_supervisor_with_a_clear_message():
+    env = {**os.environ, "INPAINT_DEVICE": "cuda:1", "CUDA_VISIBLE_DEVICES": "0,1"}
+    done = subprocess.run([sys.executable, "-m", "worker", "--gpus", "all"], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.strip().startswith("inpaint-worker: INPAINT_DEVICE='cuda:1' with --gpus: each worker process")

@@ -7,6 +7,7 @@ keys instead of silently random weights.
 """
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ def load_components(model: str, device=None, dtype=None, revision: str | None = 
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
+    check_device_runs(device, dtype)
     variant = "fp16" if dtype == torch.float16 else None
     start = time.perf_counter()
     folder = resolve_model_folder(model, revision=revision, cache_dir=cache_dir,
@@ -94,6 +96,23 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPES:
         return DTYPES[dtype.lower().removeprefix("torch.")]
     raise ValueError(f"dtype must be one of float16, bfloat16, float32 (or a torch dtype of those); got {dtype!r}")
+
+
+def check_device_runs(device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse, before any download, a CUDA device this process cannot use or a dtype its GPU has no arithmetic for:
+    either would otherwise fail at the first job, or (bfloat16 before Ampere) run emulated, many times slower."""
+    if device.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device}: no CUDA GPU is visible to this process (CUDA_VISIBLE_DEVICES="
+                             f"{os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')!r}, or no driver); use cpu")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ModelLoadError(f"device {device}: this process sees {count} GPU(s), cuda:0 to cuda:{count - 1}")
+    major, minor = torch.cuda.get_device_capability(device)
+    if dtype == torch.bfloat16 and major < 8:
+        raise ModelLoadError(f"dtype bfloat16 needs a GPU of compute capability 8.0 or newer (Ampere); "
+                             f"{torch.cuda.get_device_name(device)} is {major}.{minor}: use float16")
 
 
 def resolve_model_folder(model: str, revision: str | None = None, cache_dir=None, local_files_only: bool = False,
