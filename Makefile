@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench gpu-wheels venv clean
+.PHONY: demo test bench gpu-wheels image image-check venv clean
 
 venv: $(STAMP)
 
@@ -32,6 +32,14 @@ gpu-wheels: $(STAMP)
 	rm -rf .whl
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d .whl \
 		"diffusers==$$($(PY) -c 'import diffusers; print(diffusers.__version__)')"
+
+# The worker image, and its checks without a GPU (docs/deploying.md section 2); both need a Docker engine.
+IMAGE ?= inpaint-fleet-worker:0.1.0
+image:
+	docker build -f docker/Dockerfile -t $(IMAGE) .
+
+image-check: $(STAMP)
+	bash scripts/image_check.sh $(IMAGE)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
