@@ -109,9 +109,12 @@ def instructions(stage: dict, keyword: str) -> list[str]:
     return [line[len(keyword) + 1:] for line in stage["lines"] if line.startswith(keyword + " ")]
 
 
-def test_final_stage_is_a_cuda_runtime_image_without_compilers():
+def test_final_stage_is_a_cuda_base_image_without_compilers():
+    # The base flavour: the CUDA runtime and NVIDIA_REQUIRE_CUDA, without the GBs of math libraries the runtime
+    # flavour adds, which torch's own CUDA wheels make unused.
     stage = final_stage()
-    assert re.fullmatch(r"nvidia/cuda:\d+\.\d+(\.\d+)?-runtime-ubuntu\d+\.\d+", stage["from"]), stage["from"]
+    assert re.fullmatch(r"nvidia/cuda:\d+\.\d+(\.\d+)?-base-ubuntu\d+\.\d+", stage["from"]), stage["from"]
+    assert stage["from"].replace("-base-", "-devel-") == dockerfile_stages()[0]["from"]  # one CUDA, one Ubuntu
     installs = [line for line in instructions(stage, "RUN") if "apt-get install" in line]
     assert installs, "the final stage installs Python"
     for line in installs:
