@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 WORKER_IMAGE = "inpaint-fleet-worker"
 # Upstream images the deployment uses, by name; each must carry an explicit tag.
-UPSTREAM_IMAGES = {"redis", "minio/minio", "minio/mc", "mher/flower"}
+UPSTREAM_IMAGES = {"redis", "quay.io/minio/minio", "quay.io/minio/mc", "mher/flower"}
 # Variables the code reads: the settings, the ones worker.gpus and worker.metrics read before settings has them,
 # boto3's and the Hub's.
 KNOWN_VARIABLES = ({f.metadata["variable"] for f in fields(Settings)} | {gpus.GPUS_ENV, gpus.METRICS_PORT_ENV}
@@ -197,8 +197,29 @@ def test_compose_images_are_ours_or_tagged_upstream_images():
         image = interpolate(service["image"])
         repository, _, tag = image.rpartition(":")
         assert tag and (repository == WORKER_IMAGE or repository in UPSTREAM_IMAGES), f"{name}: {image}"
+        # MinIO's community images exist only as the last tags published on quay.io: `latest` will never move.
+        assert not (repository.startswith("quay.io/minio/") and tag == "latest"), f"{name}: pin {image}"
         if "build" in service:
             assert (ROOT / "docker" / service["build"]["context"] / service["build"]["dockerfile"]).is_file()
+        elif repository == WORKER_IMAGE:  # built by another service; on no registry, so never pulled
+            assert service.get("pull_policy") == "never", f"{name}: pull_policy"
+
+
+def test_compose_publishes_on_loopback_with_movable_host_ports():
+    for name, service in compose()["services"].items():
+        for port in service.get("ports", []):
+            address, rest = port.split(":", 1)
+            host = rest.rsplit(":", 1)[0]
+            assert address == "127.0.0.1", f"{name}: {port} is reachable from other hosts"
+            assert re.fullmatch(r"\$\{\w+_HOST_PORT:-\d+\}", host), f"{name}: host port of {port} cannot be moved"
+
+
+def test_compose_names_the_worker_image_volume_so_restarts_leave_no_anonymous_ones():
+    (path,) = re.findall(r'^VOLUME \["([^"]+)"\]', (DOCKER / "Dockerfile").read_text(), flags=re.M)
+    for name, service in compose()["services"].items():
+        if interpolate(service["image"]).startswith(WORKER_IMAGE + ":"):
+            mounted = {volume.split(":")[1] for volume in service["volumes"]}
+            assert path in mounted, f"{name}: nothing named mounted at the image's VOLUME {path}"
 
 
 def test_compose_workers_reference_known_variables_and_reachable_services():
@@ -253,6 +274,8 @@ def test_compose_redis_is_durable_password_protected_and_never_evicts():
     spec = compose()
     redis = spec["services"]["redis"]
     assert "--requirepass" in " ".join(redis["command"])
+    # Through the image's entrypoint, which drops root for the redis user; a bare redis-server would run as root.
+    assert "exec docker-entrypoint.sh redis-server " in " ".join(redis["command"])
     config = dict(line.split(None, 1) for line in (DOCKER / "redis.conf").read_text().splitlines()
                   if line.strip() and not line.startswith("#"))
     assert config["appendonly"] == "yes" and config["maxmemory-policy"] == "noeviction"
