@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -233,4 +234,5 @@ def test_supervise_runs_the_planned_processes_and_logs_json(tmp_path):
     records = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
     assert [r["message"] for r in records] == ["supervising worker processes", "worker process started",
                                                 "worker process exited"]
-    assert records[0]["processes"] == ["inpaint@%h-cpu"] and records[2]["returncode"] == 0
+    node = f"inpaint@{socket.gethostname()}-cpu"   # as Celery expands %h
+    assert records[0]["processes"] == [node] and records[1]["hostname"] == node and records[2]["returncode"] == 0

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -47,7 +48,12 @@ _SMI_MIG = re.compile(r"^\s+MIG .*\(UUID: (MIG-[0-9a-zA-Z/-]+)\)")
 class ProcessSpec:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)   # set on top of the supervisor's own environment
-    hostname: str = ""
+    hostname: str = ""                                   # Celery's node name pattern (%h: this host's name)
+
+    @property
+    def node_name(self) -> str:
+        """The node name Celery will report (Flower, `celery inspect`), for the supervisor's logs."""
+        return self.hostname.replace("%h", socket.gethostname())
 
 
 def split_gpus_option(argv: list[str], default: str = "") -> tuple[str, list[str]]:
@@ -216,7 +222,7 @@ def run_processes(specs: list[ProcessSpec], poll_s: float = POLL_S) -> int:
             # SIGINT would be Celery's cold shutdown, abandoning the running job).
             children.append(subprocess.Popen(spec.argv, env={**os.environ, **spec.env}, start_new_session=True,
                                              preexec_fn=_die_with_parent))
-            log.info("worker process started", extra={"pid": children[-1].pid, "hostname": spec.hostname,
+            log.info("worker process started", extra={"pid": children[-1].pid, "hostname": spec.node_name,
                                                       "cuda_visible_devices": spec.env.get("CUDA_VISIBLE_DEVICES")})
         return _wait_all(children, specs, poll_s)
     except BaseException:
@@ -234,10 +240,10 @@ def _wait_all(children: list[subprocess.Popen], specs: list[ProcessSpec], poll_s
             if index not in statuses and child.poll() is not None:
                 statuses[index] = _exit_status(child.returncode)
                 level = logging.INFO if child.returncode == 0 else logging.ERROR
-                log.log(level, "worker process exited", extra={"pid": child.pid, "hostname": specs[index].hostname,
+                log.log(level, "worker process exited", extra={"pid": child.pid, "hostname": specs[index].node_name,
                                                                "returncode": child.returncode})
                 if child.returncode != 0:
-                    _stop_the_others(children, statuses, specs[index].hostname)
+                    _stop_the_others(children, statuses, specs[index].node_name)
         if len(statuses) < len(children):
             time.sleep(poll_s)
     failures = [statuses[index] for index in sorted(statuses) if statuses[index] != 0]
@@ -291,6 +297,6 @@ def supervise(spec: str, argv: list[str], metrics_port: int = 0, log_level: str 
     gpus = parse_gpus(spec, len(devices))
     check_device(device, gpus)
     specs = plan_processes(gpus, argv, devices, metrics_port, command)
-    log.info("supervising worker processes", extra={"gpus": spec, "processes": [s.hostname for s in specs]})
+    log.info("supervising worker processes", extra={"gpus": spec, "processes": [s.node_name for s in specs]})
     return run_processes(specs)
 
