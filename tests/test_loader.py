@@ -323,6 +323,10 @@ def test_tiny_writer_is_deterministic_and_has_a_cli(tmp_path, tiny_model_dir):
     assert index["_class_name"] == "StableDiffusionInpaintPipeline" and index["requires_safety_checker"] is False
     with pytest.raises(ValueError, match="in_channels must be 9"):
         write_tiny_model(tmp_path / "bad", in_channels=3)
+    tiny_main([str(tmp_path / "sd-scale"), "--vae-scale", "8"])
+    assert load_components(str(tmp_path / "sd-scale"), device="cpu").vae.scale_factor == 8
+    with pytest.raises(ValueError, match="vae_scale must be 2 or 8"):
+        write_tiny_model(tmp_path / "bad", vae_scale=4)
 
 
 def test_text_encoder_from_folder_directly(tiny_model_dir):

@@ -137,3 +137,14 @@ def test_model_default_scheduler_is_the_config_class(pipelines):
 def test_odd_latent_sizes_match_diffusers(pipelines):
     # 42x38 pixels -> 21x19 latents: the UNet upsamples to its skips' odd sizes, as diffusers does.
     _compare(pipelines, 9, "ddim", size=(42, 38))
+
+
+def test_tiny_model_with_sd_vae_scale_matches_diffusers(tmp_path):
+    """The tiny model as the CPU Compose profile writes it (VAE downsampling 8, as SD's), loaded by both sides."""
+    folder = write_tiny_model(tmp_path / "tiny8", vae_scale=8)
+    ours = InpaintPipeline.from_pretrained(str(folder), device="cpu", dtype=torch.float32)
+    theirs = diffusers.StableDiffusionInpaintPipeline.from_pretrained(
+        str(folder), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    theirs.set_progress_bar_config(disable=True)
+    assert ours.vae_scale_factor == theirs.vae_scale_factor == 8
+    _compare(({9: ours}, {9: theirs}), 9, "ddim", size=(64, 48), steps=3)

@@ -1,6 +1,6 @@
 """Write a tiny random inpainting model in the diffusers folder layout.
 
-    python -m worker.model.tiny DIR [--in-channels 9|4] [--seed N]
+    python -m worker.model.tiny DIR [--in-channels 9|4] [--vae-scale 2|8] [--seed N]
 
 The folder loads with our loader and with diffusers' StableDiffusionInpaintPipeline, so tests and demos run the
 whole stack in seconds on a CPU. Only our own modules and transformers are used; diffusers is not needed.
@@ -52,14 +52,16 @@ def unet_config(in_channels: int) -> dict:
     }
 
 
-def vae_config() -> dict:
-    """A tiny VAE config with the same keys as SD1.5's vae/config.json; two blocks = scale factor 2."""
+def vae_config(scale: int = 2) -> dict:
+    """A tiny VAE config with the same keys as SD1.5's vae/config.json; `scale` is its downsampling: 2 (two blocks,
+    the fastest at the tests' small sizes) or 8 (four, as SD's: latents of 64x64 at 512x512, like the real model)."""
+    blocks = {2: 2, 8: 4}[scale]
     return {
         "_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION,
-        "act_fn": "silu", "block_out_channels": [32, 64],
-        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"], "in_channels": 3, "latent_channels": 4,
+        "act_fn": "silu", "block_out_channels": [32] + [64] * (blocks - 1),
+        "down_block_types": ["DownEncoderBlock2D"] * blocks, "in_channels": 3, "latent_channels": 4,
         "layers_per_block": 1, "norm_num_groups": 32, "out_channels": 3, "sample_size": 64,
-        "scaling_factor": 0.18215, "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        "scaling_factor": 0.18215, "up_block_types": ["UpDecoderBlock2D"] * blocks,
     }
 
 
@@ -166,10 +168,12 @@ def _write_text_encoder(folder: Path, vocab: dict[str, int]) -> None:
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
 
 
-def write_tiny_model(folder: Path, in_channels: int = 9, seed: int = 0) -> Path:
+def write_tiny_model(folder: Path, in_channels: int = 9, seed: int = 0, vae_scale: int = 2) -> Path:
     """Write the tiny model into `folder` (created if needed) and return it. Same seed, same bytes."""
     if in_channels not in (4, 9):
         raise ValueError(f"in_channels must be 9 (inpainting UNet) or 4 (plain SD UNet), got {in_channels!r}")
+    if vae_scale not in (2, 8):
+        raise ValueError(f"vae_scale must be 2 or 8, got {vae_scale!r}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     _write_json(folder / "model_index.json", model_index())
@@ -180,8 +184,8 @@ def write_tiny_model(folder: Path, in_channels: int = 9, seed: int = 0) -> Path:
         torch.manual_seed(seed)
         unet = _shrink_(UNet2DConditionModel(UNetConfig.from_dict(unet_config(in_channels))))
         _write_module(folder / "unet", unet_config(in_channels), unet)
-        vae = _shrink_(AutoencoderKL(VAEConfig.from_dict(vae_config())))
-        _write_module(folder / "vae", vae_config(), vae)
+        vae = _shrink_(AutoencoderKL(VAEConfig.from_dict(vae_config(vae_scale))))
+        _write_module(folder / "vae", vae_config(vae_scale), vae)
         _write_text_encoder(folder / "text_encoder", vocab)
     return folder
 
@@ -191,9 +195,11 @@ def main(argv=None) -> None:
     parser.add_argument("folder", type=Path, help="output folder (created if needed)")
     parser.add_argument("--in-channels", type=int, choices=(9, 4), default=9,
                         help="9 = inpainting UNet (default), 4 = plain SD UNet")
+    parser.add_argument("--vae-scale", type=int, choices=(2, 8), default=2,
+                        help="image-to-latent downsampling: 2 (default, fastest at small sizes) or 8 (as SD's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    print(write_tiny_model(args.folder, in_channels=args.in_channels, seed=args.seed))
+    print(write_tiny_model(args.folder, in_channels=args.in_channels, seed=args.seed, vae_scale=args.vae_scale))
 
 
 if __name__ == "__main__":
