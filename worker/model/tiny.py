@@ -18,6 +18,8 @@ from worker.model.vae import AutoencoderKL, VAEConfig
 
 DIFFUSERS_VERSION = "0.30.0"  # the format version the files follow, written as diffusers does
 WEIGHT_SCALE = 0.7            # shrinks the default init so tiny random images stay away from 0 and 255
+# VAE downsampling -> its blocks: 2 is the fastest at the tests' small sizes; 8 is SD's (64x64 latents at 512x512).
+VAE_BLOCKS = {2: 2, 8: 4}
 
 # Equal to stable-diffusion-v1-5/stable-diffusion-inpainting's scheduler/scheduler_config.json.
 SCHEDULER_CONFIG = {
@@ -53,9 +55,8 @@ def unet_config(in_channels: int) -> dict:
 
 
 def vae_config(scale: int = 2) -> dict:
-    """A tiny VAE config with the same keys as SD1.5's vae/config.json; `scale` is its downsampling: 2 (two blocks,
-    the fastest at the tests' small sizes) or 8 (four, as SD's: latents of 64x64 at 512x512, like the real model)."""
-    blocks = {2: 2, 8: 4}[scale]
+    """A tiny VAE config with the same keys as SD1.5's vae/config.json, downsampling by `scale` (VAE_BLOCKS)."""
+    blocks = VAE_BLOCKS[scale]
     return {
         "_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION,
         "act_fn": "silu", "block_out_channels": [32] + [64] * (blocks - 1),
@@ -172,8 +173,8 @@ def write_tiny_model(folder: Path, in_channels: int = 9, seed: int = 0, vae_scal
     """Write the tiny model into `folder` (created if needed) and return it. Same seed, same bytes."""
     if in_channels not in (4, 9):
         raise ValueError(f"in_channels must be 9 (inpainting UNet) or 4 (plain SD UNet), got {in_channels!r}")
-    if vae_scale not in (2, 8):
-        raise ValueError(f"vae_scale must be 2 or 8, got {vae_scale!r}")
+    if vae_scale not in VAE_BLOCKS:
+        raise ValueError(f"vae_scale must be {' or '.join(map(str, VAE_BLOCKS))}, got {vae_scale!r}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     _write_json(folder / "model_index.json", model_index())
@@ -195,7 +196,7 @@ def main(argv=None) -> None:
     parser.add_argument("folder", type=Path, help="output folder (created if needed)")
     parser.add_argument("--in-channels", type=int, choices=(9, 4), default=9,
                         help="9 = inpainting UNet (default), 4 = plain SD UNet")
-    parser.add_argument("--vae-scale", type=int, choices=(2, 8), default=2,
+    parser.add_argument("--vae-scale", type=int, choices=sorted(VAE_BLOCKS), default=2,
                         help="image-to-latent downsampling: 2 (default, fastest at small sizes) or 8 (as SD's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
