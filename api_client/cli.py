@@ -201,7 +201,7 @@ def _fetch(args) -> int:
 def _run(args) -> int:
     try:
         local_run = importlib.import_module("worker.local_run")
-        loader = importlib.import_module("worker.model.loader")
+        loader = importlib.import_module("worker.inference.model.loader")
     except ImportError as error:
         raise UsageError(f"run: the in-process runner needs the worker extra (pip install 'inpaint-fleet[worker]'): "
                          f"{error}") from None

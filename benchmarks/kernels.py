@@ -3,7 +3,7 @@
 - attention: ours vs F.scaled_dot_product_attention on its flash backend, float16, inputs laid out as the UNet
   makes them ((B, N, H*D) projections split into heads), batch 2 (classifier-free guidance), 512² and 768²;
 - GroupNorm + SiLU: ours vs eager F.group_norm + F.silu, the UNet's maps (batch 2) and the VAE decoder's;
-- the whole UNet step (worker.model.unet, SD1.5 inpainting config, random weights, float16) with
+- the whole UNet step (worker.inference.model.unet, SD1.5 inpainting config, random weights, float16) with
   INPAINT_KERNELS=triton vs torch.
 
 Medians from triton.testing.do_bench. TFLOP/s and GB/s are set against peaks measured here: a large bfloat16
@@ -83,7 +83,7 @@ def gpu_setup() -> Setup:
 
 
 def smoke_setup() -> Setup:
-    from worker.model.tiny import unet_config
+    from worker.inference.model.tiny import unet_config
 
     return Setup(title="CPU smoke run (Triton interpreter; the numbers mean nothing)", device="cpu",
                  dtype=torch.float32, time_ms=wall_clock_ms, matmul_size=512, copy_bytes=2 ** 24,
@@ -152,7 +152,7 @@ def bench_group_norm(setup: Setup, peak_gbps: float):
 
 def bench_unet(setup: Setup):
     import kernels
-    from worker.model.unet import UNet2DConditionModel, UNetConfig
+    from worker.inference.model.unet import UNet2DConditionModel, UNetConfig
 
     torch.manual_seed(0)
     config = setup.unet_config

@@ -36,7 +36,7 @@ def main() -> None:
 
     import diffusers
 
-    from worker.pipeline import InpaintPipeline
+    from worker.inference.pipeline import InpaintPipeline
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_sd15_random(Path(tmp) / "sd15")

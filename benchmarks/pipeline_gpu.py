@@ -55,7 +55,7 @@ def gpu_setup() -> Setup:
 
 
 def smoke_setup() -> Setup:
-    from worker.model.tiny import write_tiny_model
+    from worker.inference.model.tiny import write_tiny_model
 
     # 16x16 (8x8 latents): under the interpreter a Triton attention's time grows with the square of the
     # token count, and at 64x64 one UNet step would take minutes.
@@ -117,7 +117,7 @@ def measure(setup: Setup, name: str, run, batch: int, steps: int) -> dict:
 
 
 def ours_runner(setup: Setup, folder: Path, graphs: str, kernel_mode: str):
-    from worker.pipeline import InpaintPipeline
+    from worker.inference.pipeline import InpaintPipeline
 
     pipe = InpaintPipeline.from_pretrained(str(folder), device=setup.device, dtype=setup.dtype, cuda_graphs=graphs)
     image, mask = scene(setup.size)

@@ -20,8 +20,8 @@ from PIL import Image, ImageDraw
 
 from api_client import schema
 from api_client.client import InpaintClient
-from worker import devstack
-from worker.model.tiny import write_tiny_model
+from tests import devstack
+from worker.inference.model.tiny import write_tiny_model
 
 BUCKET = "inpaint-bench"
 SIZE = 64

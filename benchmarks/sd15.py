@@ -32,7 +32,7 @@ def write_sd15_random(folder: Path, in_channels: int = 9, seed: int = 0) -> Path
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from worker.model.tiny import write_tiny_model
+    from worker.inference.model.tiny import write_tiny_model
 
     folder = write_tiny_model(Path(folder), in_channels=in_channels, seed=seed)
     torch.manual_seed(seed)

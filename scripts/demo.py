@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))  # run as `python scripts/demo.py` from a checkout
 from api_client import schema  # noqa: E402
 from api_client.cli import ProgressDisplay  # noqa: E402
 from api_client.client import InpaintClient  # noqa: E402
-from worker import devstack  # noqa: E402
+from tests import devstack  # noqa: E402
 
 DEMO_BUCKET = "inpaint-demo"
 PROMPT = "a red brick cottage with a blue door, warm afternoon light"
@@ -52,7 +52,7 @@ def main() -> int:
 
 
 def _start_tiny_model(stack: ExitStack, folder: Path) -> subprocess.Popen:
-    writer = subprocess.Popen([sys.executable, "-m", "worker.model.tiny", str(folder)], cwd=ROOT,
+    writer = subprocess.Popen([sys.executable, "-m", "worker.inference.model.tiny", str(folder)], cwd=ROOT,
                               stdout=subprocess.DEVNULL)
     stack.callback(_stop, writer)
     return writer

@@ -45,8 +45,8 @@ compilers=$(in_image sh -c 'for c in cc gcc clang tcc c99 x86_64-linux-gnu-gcc a
 [ -z "$compilers" ] || fail "C compiler(s) in the final stage: $compilers"
 ok "no C compiler"
 
-in_image python -c "import worker.gpus, worker.metrics, worker.pipeline" || fail "the worker modules do not import"
-ok "worker.gpus, worker.metrics, worker.pipeline import"
+in_image python -c "import worker.gpus, worker.metrics, worker.inference.pipeline" || fail "the worker modules do not import"
+ok "worker.gpus, worker.metrics, worker.inference.pipeline import"
 
 [ -n "$(docker image inspect -f '{{if .Config.Healthcheck}}{{.Config.Healthcheck.Test}}{{end}}' "$IMAGE")" ] \
   || fail "the image has no HEALTHCHECK"
@@ -88,12 +88,12 @@ else
 fi
 
 # --- a job on the CPU, end to end -----------------------------------------------------------------------------
-"$PY" -m worker.model.tiny "$WORK/model" >/dev/null
+"$PY" -m worker.inference.model.tiny "$WORK/model" >/dev/null
 chmod -R a+rX "$WORK"
 # redis-server + moto S3 on 127.0.0.1 (free ports), a bucket; their worker environment goes to stack.env.
 (cd "$ROOT" && exec "$PY" -c "
 import signal, sys, time
-from worker import devstack
+from tests import devstack
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # exit through atexit: devstack stops both servers
 redis, s3 = devstack.start_redis(), devstack.start_s3()
 devstack.create_bucket(s3.endpoint_url, 'inpaint')

@@ -17,6 +17,6 @@ if not os.environ.get("CUDA_VISIBLE_DEVICES") and shutil.which("nvidia-smi") is 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random 9-channel inpainting model written by our own code, shared by the whole session."""
-    from worker.model.tiny import write_tiny_model
+    from worker.inference.model.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny-model"), in_channels=9, seed=0)

@@ -13,7 +13,7 @@ from PIL import Image
 from api_client import cli, schema
 from tests.test_client import (BUCKET, QUEUE, finish, picture, png_bytes, queued_messages, s3, services, store,
                                task_args)
-from worker import devstack
+from tests import devstack
 
 __all__ = ["services", "store", "s3"]  # fixtures shared with tests/test_client.py
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from api_client import schema
 from api_client.client import AsyncInpaintClient, ClientConfig, EnqueueError, InpaintClient
-from worker import devstack
+from tests import devstack
 
 BUCKET = "client-tests"
 QUEUE = "inpaint-client-tests"

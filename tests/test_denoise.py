@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from worker.denoise import DenoiseRunner, GraphCache, StepState, _Graph, denoise_step, warm_up
-from worker.pipeline import InpaintPipeline
-from worker.schedulers import SCHEDULERS
+from worker.inference.denoise import DenoiseRunner, GraphCache, StepState, _Graph, denoise_step, warm_up
+from worker.inference.pipeline import InpaintPipeline
+from worker.inference.schedulers import SCHEDULERS
 
 
 class _EagerGraph:
@@ -147,9 +147,9 @@ def test_graphs_off_and_bad_mode():
 def test_the_step_never_reads_a_tensor_back_to_the_host(pipe, scheduler, channels):
     # On the meta device any host read (.item(), bool(), indexing by a tensor) raises: the step must not do one,
     # or it could not be captured in a CUDA graph.
-    from worker.denoise import DenoiseInputs
-    from worker.model.unet import UNet2DConditionModel, UNetConfig
-    from worker.schedulers import make_sampler
+    from worker.inference.denoise import DenoiseInputs
+    from worker.inference.model.unet import UNet2DConditionModel, UNetConfig
+    from worker.inference.schedulers import make_sampler
 
     config = UNetConfig.from_dict({**pipe.unet.config.__dict__, "in_channels": channels})
     with torch.device("meta"):

@@ -4,9 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
-from worker.denoise import DenoiseRunner
-from worker.pipeline import InpaintPipeline
-from worker.schedulers import SCHEDULERS
+from worker.inference.denoise import DenoiseRunner
+from worker.inference.pipeline import InpaintPipeline
+from worker.inference.schedulers import SCHEDULERS
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

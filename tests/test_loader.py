@@ -11,10 +11,10 @@ import torch
 from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
 from safetensors.torch import load_file, save_file
 
-from worker.model.loader import (ModelLoadError, check_device_runs, load_components, resolve_dtype,
+from worker.inference.model.loader import (ModelLoadError, check_device_runs, load_components, resolve_dtype,
                                  resolve_model_folder)
-from worker.model.text import TextEncoder
-from worker.model.tiny import SCHEDULER_CONFIG, WORDS, main as tiny_main, write_tiny_model
+from worker.inference.model.text import TextEncoder
+from worker.inference.model.tiny import SCHEDULER_CONFIG, WORDS, main as tiny_main, write_tiny_model
 
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 VAE_WEIGHTS = "vae/diffusion_pytorch_model.safetensors"
@@ -181,7 +181,7 @@ def test_offline_cache_without_variant_files_falls_back_to_full_files(hub_cache)
 
 OFFLINE_SCRIPT = """
 import sys
-from worker.model.loader import ModelLoadError, resolve_model_folder
+from worker.inference.model.loader import ModelLoadError, resolve_model_folder
 print(resolve_model_folder("org/tiny", cache_dir=sys.argv[1], variant="fp16"))
 try:
     resolve_model_folder("org/unknown", cache_dir=sys.argv[1])

@@ -4,8 +4,8 @@ import torch
 from diffusers import AutoencoderKL as DiffusersVAE
 from diffusers import UNet2DConditionModel as DiffusersUNet
 
-from worker.model.unet import UNet2DConditionModel, UNetConfig
-from worker.model.vae import AutoencoderKL, VAEConfig
+from worker.inference.model.unet import UNet2DConditionModel, UNetConfig
+from worker.inference.model.vae import AutoencoderKL, VAEConfig
 
 # Public stable-diffusion-v1-5/stable-diffusion-inpainting unet/config.json and vae/config.json.
 SD15_INPAINT_UNET = {

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from worker.pipeline import InpaintCancelled, InpaintPipeline
+from worker.inference.pipeline import InpaintCancelled, InpaintPipeline
 
 
 @pytest.fixture(scope="module")

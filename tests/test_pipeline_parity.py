@@ -10,9 +10,9 @@ from PIL import Image, ImageDraw
 
 diffusers = pytest.importorskip("diffusers")
 
-from worker.model.tiny import write_tiny_model  # noqa: E402
-from worker.pipeline import InpaintPipeline  # noqa: E402
-from worker.schedulers import SCHEDULERS  # noqa: E402
+from worker.inference.model.tiny import write_tiny_model  # noqa: E402
+from worker.inference.pipeline import InpaintPipeline  # noqa: E402
+from worker.inference.schedulers import SCHEDULERS  # noqa: E402
 
 TOLERANCE = 3  # out of 255
 

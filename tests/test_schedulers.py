@@ -5,7 +5,7 @@ import diffusers
 import pytest
 import torch
 
-from worker.schedulers import SCHEDULERS, make_sampler, scheduler_name_for_config
+from worker.inference.schedulers import SCHEDULERS, make_sampler, scheduler_name_for_config
 
 SD15_INPAINTING = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
                    "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False,
@@ -122,7 +122,7 @@ def test_matches_diffusers_for_other_configs(name, config):
 
 
 def test_resolved_defaults_are_those_of_the_diffusers_classes():
-    from worker.schedulers import _DEFAULTS
+    from worker.inference.schedulers import _DEFAULTS
 
     for class_name, defaults in _DEFAULTS.items():
         parameters = inspect.signature(getattr(diffusers, class_name).__init__).parameters

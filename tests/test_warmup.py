@@ -4,8 +4,8 @@ import torch
 from PIL import Image
 
 from tests.test_denoise import eager_capture
-from worker.denoise import DenoiseRunner
-from worker.pipeline import InpaintPipeline
+from worker.inference.denoise import DenoiseRunner
+from worker.inference.pipeline import InpaintPipeline
 from worker.settings import Settings
 
 

@@ -19,11 +19,11 @@ from celery.exceptions import SoftTimeLimitExceeded
 from PIL import Image, UnidentifiedImageError
 
 from api_client import schema
-from worker.denoise import InpaintCancelled
+from worker.inference.denoise import InpaintCancelled
 from worker.events import CLAIMED, JobStore, ProgressReporter
 from worker.lease import Heartbeat
-from worker.model.loader import ModelLoadError
-from worker.pipeline import InpaintArgumentError
+from worker.inference.model.loader import ModelLoadError
+from worker.inference.pipeline import InpaintArgumentError
 from worker.settings import Settings
 from worker.storage import Storage
 
@@ -63,7 +63,7 @@ class Outcome:
 
 def load_pipeline(settings: Settings):
     """The model, as the settings describe it. Imported here: only a process that runs jobs needs the model code."""
-    from worker.pipeline import InpaintPipeline
+    from worker.inference.pipeline import InpaintPipeline
 
     return InpaintPipeline.from_pretrained(
         settings.model, device=settings.device or None, dtype=settings.dtype or None,

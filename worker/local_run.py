@@ -14,7 +14,7 @@ from PIL import Image
 from api_client import schema
 from api_client.cli import ProgressDisplay, job_options
 from worker import jobs
-from worker.pipeline import InpaintPipeline
+from worker.inference.pipeline import InpaintPipeline
 
 
 def run_local(args: argparse.Namespace) -> list[Path]:

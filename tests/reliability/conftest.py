@@ -21,7 +21,7 @@ from api_client import schema
 from api_client.client import InpaintClient
 from tests.reliability.faults import CuttableProxy
 from tests.service.conftest import sample_image, sample_mask  # noqa: F401 (re-exported to the tests here)
-from worker import devstack
+from tests import devstack
 
 BUCKET = "inpaint-rel"
 OTHER_BUCKET = "not-allowed"

@@ -9,7 +9,7 @@ import redis
 from api_client import schema
 from api_client.client import InpaintClient
 from tests.reliability.conftest import BUCKET
-from worker import devstack
+from tests import devstack
 
 
 def test_many_deliveries_of_one_job_run_it_once(healthy_fleet):

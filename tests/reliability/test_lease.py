@@ -7,7 +7,8 @@ import pytest
 import redis
 
 from api_client import schema
-from worker import devstack, lease
+from tests import devstack
+from worker import lease
 from worker.events import BUSY, CLAIMED, JobStore
 
 LEASE_S = 10.0

@@ -10,7 +10,7 @@ import redis
 from api_client import schema
 from api_client.client import InpaintClient
 from tests.reliability.conftest import AWS_SECRET, BUCKET, REDIS_PASSWORD, WORKER_ENV, sample_image, sample_mask
-from worker import devstack
+from tests import devstack
 from worker.app import create_app
 from worker.settings import Settings
 from worker.storage import Storage

@@ -7,7 +7,8 @@ from PIL import Image
 
 from api_client import schema
 from tests.reliability.conftest import BUCKET
-from worker import devstack, jobs
+from tests import devstack
+from worker import jobs
 from worker.events import JobStore
 from worker.settings import Settings
 from worker.storage import Storage

@@ -12,7 +12,7 @@ from PIL import Image
 
 from api_client import schema
 from api_client.client import InpaintClient
-from worker import devstack
+from tests import devstack
 
 BUCKET = "inpaint-test"
 OTHER_BUCKET = "not-allowed"   # exists, but the workers may not touch it

@@ -18,11 +18,12 @@ from PIL import Image
 
 from api_client import schema
 from tests.service.conftest import BUCKET, OTHER_BUCKET, sample_image, sample_mask
-from worker import devstack, jobs
-from worker.denoise import InpaintCancelled
+from tests import devstack
+from worker import jobs
+from worker.inference.denoise import InpaintCancelled
 from worker.events import JobStore
-from worker.model.loader import ModelLoadError
-from worker.pipeline import InpaintArgumentError
+from worker.inference.model.loader import ModelLoadError
+from worker.inference.pipeline import InpaintArgumentError
 from worker.settings import Settings
 from worker.storage import Storage
 

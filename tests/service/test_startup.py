@@ -9,7 +9,8 @@ import pytest
 from api_client import schema
 from api_client.client import InpaintClient
 from tests.service.conftest import BUCKET, WORKER_ENV, sample_image, sample_mask
-from worker import devstack, metrics, tasks
+from tests import devstack
+from worker import metrics, tasks
 
 
 class WarmupFails:

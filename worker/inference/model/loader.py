@@ -18,9 +18,9 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, IncompleteSnapshotError, LocalEntryNotFoundError
 from safetensors import SafetensorError, safe_open
 
-from worker.model.text import TextEncoder
-from worker.model.unet import UNet2DConditionModel, UNetConfig
-from worker.model.vae import AutoencoderKL, VAEConfig
+from worker.inference.model.text import TextEncoder
+from worker.inference.model.unet import UNet2DConditionModel, UNetConfig
+from worker.inference.model.vae import AutoencoderKL, VAEConfig
 
 log = logging.getLogger("inpaint.loader")
 

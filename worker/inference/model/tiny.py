@@ -1,6 +1,6 @@
 """Write a tiny random inpainting model in the diffusers folder layout.
 
-    python -m worker.model.tiny DIR [--in-channels 9|4] [--vae-scale 2|8] [--seed N]
+    python -m worker.inference.model.tiny DIR [--in-channels 9|4] [--vae-scale 2|8] [--seed N]
 
 The folder loads with our loader and with diffusers' StableDiffusionInpaintPipeline, so tests and demos run the
 whole stack in seconds on a CPU. Only our own modules and transformers are used; diffusers is not needed.
@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from worker.model.unet import UNet2DConditionModel, UNetConfig
-from worker.model.vae import AutoencoderKL, VAEConfig
+from worker.inference.model.unet import UNet2DConditionModel, UNetConfig
+from worker.inference.model.vae import AutoencoderKL, VAEConfig
 
 DIFFUSERS_VERSION = "0.30.0"  # the format version the files follow, written as diffusers does
 WEIGHT_SCALE = 0.7            # shrinks the default init so tiny random images stay away from 0 and 255
@@ -192,7 +192,7 @@ def write_tiny_model(folder: Path, in_channels: int = 9, seed: int = 0, vae_scal
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m worker.model.tiny", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m worker.inference.model.tiny", description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path, help="output folder (created if needed)")
     parser.add_argument("--in-channels", type=int, choices=(9, 4), default=9,
                         help="9 = inpainting UNet (default), 4 = plain SD UNet")

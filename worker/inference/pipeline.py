@@ -1,6 +1,6 @@
 """InpaintPipeline: the library API of DESIGN §2.
 
-prompt + image + mask -> text embeddings, latents and mask conditioning -> the denoise loop (worker.denoise) ->
+prompt + image + mask -> text embeddings, latents and mask conditioning -> the denoise loop (worker.inference.denoise) ->
 VAE decode -> PIL images, optionally pasted back over the original. Every random number is drawn on CPU generators,
 one per image, in the order diffusers' StableDiffusionInpaintPipeline draws them, so a seed gives diffusers' pixels.
 """
@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from worker import imaging
-from worker.denoise import DenoiseInputs, DenoiseRunner, InpaintCancelled
-from worker.model.loader import ModelComponents, load_components
-from worker.schedulers import SCHEDULERS, make_sampler, scheduler_name_for_config
+from worker.inference import imaging
+from worker.inference.denoise import DenoiseInputs, DenoiseRunner, InpaintCancelled
+from worker.inference.model.loader import ModelComponents, load_components
+from worker.inference.schedulers import SCHEDULERS, make_sampler, scheduler_name_for_config
 
 __all__ = ["InpaintPipeline", "InpaintCancelled", "InpaintArgumentError", "SCHEDULERS"]
 
@@ -36,7 +36,7 @@ class _Request:
     width: int
     begin: int                     # first index into the sampler's timesteps (strength < 1 starts later)
     steps_to_run: int              # the steps the caller sees in progress: int(num_inference_steps * strength)
-    sampler: object                # worker.schedulers.Sampler, tables on the model's device
+    sampler: object                # worker.inference.schedulers.Sampler, tables on the model's device
 
 
 class InpaintPipeline:
