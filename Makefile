@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench gpu-wheels image image-check venv clean
+.PHONY: demo test browser bench gpu-wheels image image-check venv clean
 
 venv: $(STAMP)
 
@@ -16,8 +16,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[worker,dev]"
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q
+
+# The page tests drive Debian's chromium through Playwright (never `playwright install`); installed with apt when
+# missing, as root or through sudo. Without a browser the page tests fail, they never skip.
+CHROMIUM ?= chromium
+browser:
+	@command -v $(CHROMIUM) >/dev/null || { \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$sudo apt-get update -q && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py

@@ -1,0 +1,199 @@
+"""The web page on its own (no API behind it): how it is served, its controls' accessible names, the mask editor
+(painting, eraser, invert, undo, clear, the PNG it sends) and its layout on a laptop and a tablet, in a real Chromium.
+The page with the API, a worker and jobs is tested in test_page.py."""
+import base64
+import io
+import threading
+import time
+
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from api import page as page_module
+from tests import devstack
+from tests.browser import browser, page  # noqa: F401  (fixtures)
+
+IMAGE_SIZE = (96, 48)   # not square: the mask must come back at the image's own size
+NAMED_CONTROLS = ["API key", "Image", "Mask", "Prompt", "Negative prompt", "Steps", "Seed", "Scheduler", "Guidance",
+                  "Strength", "Keep unmasked", "Mask blur", "Brush", "Eraser", "Brush size"]
+
+
+def page_only_app() -> FastAPI:
+    app = FastAPI()
+    app.include_router(page_module.router)
+    return app
+
+
+@pytest.fixture(scope="module")
+def page_url():
+    port = devstack.free_port()
+    server = uvicorn.Server(uvicorn.Config(page_only_app(), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the page server did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}/"
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture
+def image_file(tmp_path):
+    path = tmp_path / "photo.png"
+    Image.new("RGB", IMAGE_SIZE, (30, 120, 60)).save(path)
+    return path
+
+
+def mask_image(tab) -> Image.Image:
+    uri = tab.evaluate("mask.toDataUri()")
+    assert uri.startswith("data:image/png;base64,")
+    return Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("L")
+
+
+def drag(tab, start: tuple[float, float], end: tuple[float, float]) -> None:
+    """A mouse drag between two points given as fractions of the mask canvas's shown box."""
+    box = tab.get_by_label("Mask", exact=True).bounding_box()
+    point = lambda fx, fy: (box["x"] + fx * box["width"], box["y"] + fy * box["height"])  # noqa: E731
+    tab.mouse.move(*point(*start))
+    tab.mouse.down()
+    for step in range(1, 9):
+        fraction = step / 8
+        tab.mouse.move(*point(start[0] + (end[0] - start[0]) * fraction, start[1] + (end[1] - start[1]) * fraction))
+    tab.mouse.up()
+
+
+def open_with_image(tab, page_url, image_file):
+    tab.goto(page_url)
+    tab.get_by_label("Image", exact=True).set_input_files(image_file)
+    tab.get_by_label("Mask", exact=True).wait_for(state="visible")
+
+
+def test_the_page_and_its_files_are_served_with_their_types_and_a_strict_policy():
+    client = TestClient(page_only_app())
+    index = client.get("/")
+    assert index.status_code == 200 and index.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in index.headers["content-security-policy"]
+    for name, kind in [("app.js", "text/javascript"), ("style.css", "text/css")]:
+        answer = client.get(f"/static/{name}")
+        assert answer.status_code == 200 and answer.headers["content-type"].startswith(kind)
+        assert f"/static/{name}" in index.text
+    missing = client.get("/static/secrets.txt")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+def test_nothing_is_loaded_from_another_origin():
+    # No CDN, no external fonts: every reference in the shipped files is relative to the API's own origin.
+    client = TestClient(page_only_app())
+    for path in ["/", "/static/app.js", "/static/style.css"]:
+        text = client.get(path).text
+        assert "http://" not in text and "https://" not in text and "@import" not in text, path
+
+
+def test_every_control_has_its_accessible_name(page, page_url):
+    page.goto(page_url)
+    for name in NAMED_CONTROLS:
+        assert page.get_by_label(name, exact=True).count() == 1, name
+    for name in ["Inpaint", "Undo", "Clear mask", "Invert mask"]:
+        assert page.get_by_role("button", name=name, exact=True).count() == 1, name
+
+
+def test_the_key_is_kept_for_the_browser_session_only(page, page_url, browser):
+    page.goto(page_url)
+    page.get_by_label("API key").fill("ik_test")
+    page.get_by_label("API key").press("Enter")
+    page.reload()
+    assert page.get_by_label("API key").input_value() == "ik_test"
+    assert page.evaluate("localStorage.length") == 0
+    other = browser.new_context()   # another browser session
+    try:
+        fresh = other.new_page()
+        fresh.goto(page_url)
+        assert fresh.get_by_label("API key").input_value() == ""
+    finally:
+        other.close()
+
+
+def test_painting_sends_a_white_on_black_mask_at_the_image_size(page, page_url, image_file):
+    open_with_image(page, page_url, image_file)
+    assert mask_image(page).getextrema() == (0, 0)   # nothing painted yet
+    drag(page, (0.1, 0.5), (0.9, 0.5))
+    painted = mask_image(page)
+    assert painted.size == IMAGE_SIZE
+    width, height = IMAGE_SIZE
+    assert painted.getpixel((width // 2, height // 2)) == 255
+    assert painted.getpixel((0, 0)) == 0 and painted.getpixel((width - 1, height - 1)) == 0
+
+
+def test_eraser_invert_undo_and_clear(page, page_url, image_file):
+    open_with_image(page, page_url, image_file)
+    page.get_by_label("Brush size").fill("30")
+    drag(page, (0.1, 0.5), (0.9, 0.5))
+    width, height = IMAGE_SIZE
+    centre, corner = (width // 2, height // 2), (1, 1)
+
+    page.get_by_label("Eraser").check()
+    drag(page, (0.5, 0.1), (0.5, 0.9))
+    assert mask_image(page).getpixel(centre) == 0          # erased across the stroke
+    assert mask_image(page).getpixel((width // 5, height // 2)) == 255
+
+    page.get_by_role("button", name="Invert mask").click()
+    inverted = mask_image(page)
+    assert inverted.getpixel(corner) == 255 and inverted.getpixel((width // 5, height // 2)) == 0
+
+    page.get_by_role("button", name="Undo").click()         # back to before the invert
+    assert mask_image(page).getpixel(corner) == 0
+    page.get_by_role("button", name="Undo").click()         # and before the eraser
+    assert mask_image(page).getpixel(centre) == 255
+
+    page.get_by_role("button", name="Clear mask").click()
+    assert mask_image(page).getextrema() == (0, 0)
+
+
+def test_submitting_without_a_mask_says_what_is_missing(page, page_url, image_file):
+    page.goto(page_url)
+    page.get_by_role("button", name="Inpaint").click()
+    assert "Choose an image first" in page.get_by_role("alert").filter(has_text="image").inner_text()
+    page.get_by_label("Image", exact=True).set_input_files(image_file)
+    page.get_by_role("button", name="Inpaint").click()
+    assert "Paint the mask first" in page.get_by_text("Paint the mask first").inner_text()
+
+
+def test_a_file_that_is_not_an_image_is_refused_in_words(page, page_url, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    page.goto(page_url)
+    page.get_by_label("Image", exact=True).set_input_files(text)
+    assert "not an image" in page.get_by_text("That file is not an image").inner_text()
+
+
+def test_a_dropped_image_is_opened_too(page, page_url, image_file):
+    page.goto(page_url)
+    data = base64.b64encode(image_file.read_bytes()).decode()
+    # A drop event carrying a real File, as the browser builds one when a file is dragged in from the desktop.
+    page.evaluate("""async (data) => {
+        const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], "dropped.png", {type: "image/png"}));
+        document.getElementById("stage").dispatchEvent(new DragEvent("drop", {dataTransfer: transfer, bubbles: true}));
+    }""", data)
+    canvas = page.get_by_label("Mask", exact=True)
+    canvas.wait_for(state="visible")
+    assert page.evaluate("[mask.canvas.width, mask.canvas.height]") == list(IMAGE_SIZE)
+
+
+@pytest.mark.parametrize("viewport", [{"width": 1366, "height": 768}, {"width": 768, "height": 1024},
+                                      {"width": 1024, "height": 768}], ids=["laptop", "tablet", "tablet-landscape"])
+def test_the_layout_fits_laptop_and_tablet_screens(page, page_url, image_file, viewport):
+    page.set_viewport_size(viewport)
+    open_with_image(page, page_url, image_file)
+    assert page.evaluate("document.documentElement.scrollWidth") <= viewport["width"]
+    box = page.get_by_label("Mask", exact=True).bounding_box()
+    assert box["x"] >= 0 and box["x"] + box["width"] <= viewport["width"]
+    assert box["width"] >= 200   # a small image is shown large enough to paint on
+    inpaint = page.get_by_role("button", name="Inpaint").bounding_box()
+    assert inpaint["x"] + inpaint["width"] <= viewport["width"] and inpaint["height"] >= 36   # finger-sized
