@@ -171,16 +171,21 @@ def test_a_file_that_is_not_an_image_is_refused_in_words(page, page_url, tmp_pat
     assert "not an image" in page.get_by_text("That file is not an image").inner_text()
 
 
-def test_a_dropped_image_is_opened_too(page, page_url, image_file):
+# Events carrying a real File, as the browser builds them when a file is dragged in or an image pasted.
+DROP = "new DragEvent('drop', {dataTransfer: transfer, bubbles: true})"
+PASTE = "new ClipboardEvent('paste', {clipboardData: transfer, bubbles: true})"
+
+
+@pytest.mark.parametrize("event", [DROP, PASTE], ids=["drop", "paste"])
+def test_a_dropped_or_pasted_image_is_opened_too(page, page_url, image_file, event):
     page.goto(page_url)
     data = base64.b64encode(image_file.read_bytes()).decode()
-    # A drop event carrying a real File, as the browser builds one when a file is dragged in from the desktop.
     page.evaluate("""async (data) => {
         const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
         const transfer = new DataTransfer();
-        transfer.items.add(new File([bytes], "dropped.png", {type: "image/png"}));
-        document.getElementById("stage").dispatchEvent(new DragEvent("drop", {dataTransfer: transfer, bubbles: true}));
-    }""", data)
+        transfer.items.add(new File([bytes], "photo.png", {type: "image/png"}));
+        document.getElementById("stage").dispatchEvent(%s);
+    }""" % event, data)
     canvas = page.get_by_label("Mask", exact=True)
     canvas.wait_for(state="visible")
     assert page.evaluate("[mask.canvas.width, mask.canvas.height]") == list(IMAGE_SIZE)
@@ -197,3 +202,22 @@ def test_the_layout_fits_laptop_and_tablet_screens(page, page_url, image_file, v
     assert box["width"] >= 200   # a small image is shown large enough to paint on
     inpaint = page.get_by_role("button", name="Inpaint").bounding_box()
     assert inpaint["x"] + inpaint["width"] <= viewport["width"] and inpaint["height"] >= 36   # finger-sized
+
+
+def test_the_event_stream_reader_handles_split_chunks_comments_and_ids(page, page_url):
+    # The SSE parser behind the progress display (fetch() + a stream reader, since EventSource cannot send the key):
+    # line breaks split across chunks, CRLF and LF, keep-alive comments, multi-line data, a missing space.
+    page.goto(page_url)
+    chunks = [": keep-alive\r\n\r\nid: 1-0\r", "\ndata: {\"a\":", " 1}\r\n\r", "\n:ping\n\nid:2-0\ndata: x\n",
+              "data:y\n\n", "data: no end"]
+    events = page.evaluate("""async (chunks) => {
+        const encoder = new TextEncoder();
+        const body = new ReadableStream({start(controller) {
+            for (const chunk of chunks) controller.enqueue(encoder.encode(chunk));
+            controller.close();
+        }});
+        const events = [];
+        for await (const event of readServerSentEvents(new Response(body))) events.push(event);
+        return events;
+    }""", chunks)
+    assert events == [{"id": "1-0", "data": '{"a": 1}'}, {"id": "2-0", "data": "x\ny"}]
