@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from api import errors, routes
+from api import errors, page, routes
 from api.service import JobService
 from api.settings import ApiSettings
 
@@ -93,6 +93,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.state.settings = settings
     errors.install(app, settings.retry_after_s)
     app.include_router(routes.router)
+    app.include_router(page.router)   # the web page at / (issue 15)
     _add_operations(app, settings)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.openapi = lambda: _openapi(app)

@@ -6,7 +6,9 @@ only, with the key the user types in (kept in the browser's sessionStorage).
 from importlib import resources
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
+
+from api import errors
 
 __all__ = ["router", "STATIC_FILES"]
 
@@ -39,5 +41,5 @@ def page() -> Response:
 @router.get("/static/{name}")
 def static_file(name: str) -> Response:
     if name not in STATIC_FILES:
-        return JSONResponse({"error": {"code": "not_found", "message": f"no static file {name!r}"}}, status_code=404)
+        raise errors.ApiError(404, errors.NOT_FOUND, f"/static/{name[:64]}: no such file")
     return _static(name)

@@ -11,6 +11,7 @@ const MASK_PAINT = "rgb(255, 48, 96)";        // how the mask shows over the ima
 const QUEUE_POLL_MS = 1500;                   // queue_position is only in the job object, not in the events
 const RECONNECT_DELAYS_MS = [500, 1000, 2000, 4000, 5000];
 const JOBS_PAGE = 12;
+const KEPT_INPUTS = 50;                       // jobs whose inputs this browser remembers (IndexedDB)
 const FINAL_STATES = new Set(["succeeded", "failed", "canceled"]);
 
 const $ = (id) => document.getElementById(id);
@@ -168,7 +169,7 @@ function setUpKey() {
 // ---------------------------------------------------------------------------------------------------------------
 // The input image: file input, drag and drop, paste, a result ("use as input") or a reopened job
 
-// {src: what <img> shows, file: File | null, uri: "s3://..." | null, width, height}
+// {src: an object URL of `file`, file: the image's File, width, height}
 let input = null;
 
 function loadImageElement(src) {
@@ -180,7 +181,7 @@ function loadImageElement(src) {
   });
 }
 
-async function useFile(file) {
+async function useFile(file, maskImage = null) {
   clearError($("image-error"));
   if (!file.type.startsWith("image/")) {
     showError($("image-error"), `That file is not an image (${file.type || "unknown type"}): choose a PNG, JPEG or WebP.`);
@@ -189,13 +190,13 @@ async function useFile(file) {
   const src = URL.createObjectURL(file);
   try {
     const image = await loadImageElement(src);
-    setInput({ src, file, uri: null, width: image.naturalWidth, height: image.naturalHeight });
+    setInput({ src, file, width: image.naturalWidth, height: image.naturalHeight }, maskImage);
   } catch (error) {
     showError($("image-error"), `That image cannot be opened: ${error.message}.`);
   }
 }
 
-function setInput(newInput, maskImage = null) {
+function setInput(newInput, maskImage) {
   input = newInput;
   const source = $("source");
   source.src = input.src;
@@ -241,9 +242,8 @@ function setUpImageInput() {
   });
 }
 
-// The image as the job sends it: an s3:// URI, a data URI, or (over INLINE_MAX_BYTES) uploaded first.
+// The image as the job sends it: a data URI, or (over INLINE_MAX_BYTES) uploaded first and sent as its s3:// URI.
 async function imageForJob() {
-  if (input.uri) return input.uri;
   if (input.file.size <= INLINE_MAX_BYTES) return readAsDataUri(input.file);
   const upload = await api("POST", "/v1/uploads", { content_type: input.file.type });
   let response;
@@ -396,6 +396,14 @@ const mask = {
 
   // White where painted (its coverage, so soft edges stay soft), black elsewhere, as a PNG data URI.
   toDataUri() {
+    return this.blackAndWhite().toDataURL("image/png");
+  },
+
+  toBlob() {
+    return new Promise((resolve) => this.blackAndWhite().toBlob(resolve, "image/png"));
+  },
+
+  blackAndWhite() {
     const out = document.createElement("canvas");
     out.width = this.canvas.width;
     out.height = this.canvas.height;
@@ -407,36 +415,51 @@ const mask = {
     context.globalCompositeOperation = "destination-over";
     context.fillStyle = "#000";
     context.fillRect(0, 0, out.width, out.height);
-    return out.toDataURL("image/png");
+    return out;
   },
 };
 
 // ---------------------------------------------------------------------------------------------------------------
 // Submitting a job
 
-function numberField(id, label, { integer = false, optional = false } = {}) {
-  const text = $(id).value.trim();
-  if (text === "" && optional) return null;
+// The form's job fields: [element id, job field, label (named in errors), kind].
+const JOB_FIELDS = [
+  ["prompt", "prompt", "Prompt", "text"],
+  ["negative-prompt", "negative_prompt", "Negative prompt", "text"],
+  ["steps", "num_inference_steps", "Steps", "integer"],
+  ["seed", "seed", "Seed", "optional integer"],
+  ["scheduler", "scheduler", "Scheduler", "choice"],
+  ["guidance", "guidance_scale", "Guidance", "number"],
+  ["strength", "strength", "Strength", "number"],
+  ["mask-blur", "mask_blur", "Mask blur", "integer"],
+  ["num-images", "num_images", "Images", "integer"],
+  ["keep-unmasked", "keep_unmasked", "Keep unmasked", "flag"],
+];
+
+function jobParameters() {
+  return Object.fromEntries(JOB_FIELDS.map(([id, name, label, kind]) => [name, readField($(id), label, kind)]));
+}
+
+function readField(element, label, kind) {
+  if (kind === "flag") return element.checked;
+  if (kind === "text") return element.value;
+  if (kind === "choice") return element.value || null;
+  const text = element.value.trim();
+  if (text === "" && kind === "optional integer") return null;
   const value = Number(text);
+  const integer = kind !== "number";
   if (text === "" || !Number.isFinite(value) || (integer && !Number.isInteger(value))) {
     throw new ApiError(422, "invalid_input", `${label} must be ${integer ? "a whole number" : "a number"}`);
   }
   return value;
 }
 
-function jobParameters() {
-  return {
-    prompt: $("prompt").value,
-    negative_prompt: $("negative-prompt").value,
-    num_inference_steps: numberField("steps", "Steps", { integer: true }),
-    seed: numberField("seed", "Seed", { integer: true, optional: true }),
-    scheduler: $("scheduler").value || null,
-    guidance_scale: numberField("guidance", "Guidance"),
-    strength: numberField("strength", "Strength"),
-    mask_blur: numberField("mask-blur", "Mask blur", { integer: true }),
-    num_images: numberField("num-images", "Images", { integer: true }),
-    keep_unmasked: $("keep-unmasked").checked,
-  };
+function setParameters(parameters) {
+  for (const [id, name, , kind] of JOB_FIELDS) {
+    if (!(name in parameters)) continue;
+    if (kind === "flag") $(id).checked = Boolean(parameters[name]);
+    else $(id).value = parameters[name] ?? "";
+  }
 }
 
 async function submitJob(event) {
@@ -457,6 +480,7 @@ async function submitJob(event) {
     // A retried click never makes a second job.
     const job = await api("POST", "/v1/jobs", body, { "Idempotency-Key": randomHex(16) });
     watchJob(job, input.src);
+    inputMemory.remember(job.id, { image: input.file, mask: await mask.toBlob(), parameters });
   } catch (error) {
     reportError(error, $("form-error"));
     setBusy(false);
@@ -655,7 +679,7 @@ function resultFigure(job, image, index, beforeSrc) {
   actions.append(
     button("Compare", `Compare result ${number} with the input`, () => compare(beforeSrc, image.url)),
     downloadLink(image.url, `inpaint-${job.id.slice(0, 8)}-${number}.png`, `Download result ${number}`),
-    button("Use as input", `Use result ${number} as input`, () => useResult(image)),
+    button("Use as input", `Use result ${number} as input`, () => useResult(image, number)),
   );
   figure.append(picture, caption, actions);
   return figure;
@@ -713,31 +737,30 @@ function setComparePosition() {
   $("compare-after").style.clipPath = `inset(0 ${100 - percent}% 0 0)`;
 }
 
-// Inpaint again on a result: its s3:// URI is the next job's image (no download and upload round trip).
-async function useResult(image) {
+// Inpaint again on a result: its image becomes the input (fetched from S3: the bucket must allow this origin).
+async function useResult(image, number) {
   clearAllErrors();
   try {
-    const source = image.uri ? await loadImageElement(image.url) : null;
-    if (source) {
-      setInput({ src: image.url, file: null, uri: image.uri, width: source.naturalWidth, height: source.naturalHeight });
-    } else {
-      await useFile(await fetchAsFile(image.url, "result.png"));
-    }
+    await useFile(await fetchAsFile(image.url, `result-${number}.png`));
     $("stage").scrollIntoView({ behavior: "smooth", block: "start" });
   } catch (error) {
-    showError($("image-error"), `The result cannot be used as input: ${error.message}.`);
+    showError($("image-error"), `Result ${number} cannot be used as input: ${error.message}.`);
   }
 }
 
 async function fetchAsFile(url, name) {
-  const response = await fetch(url);
+  let response;
+  try {
+    response = await fetch(url);
+  } catch (error) {
+    throw new Error(`the image's storage did not answer (${error.message}); it may not allow this page (CORS)`);
+  }
   if (!response.ok) throw new Error(`fetching it answered HTTP ${response.status}`);
   const blob = await response.blob();
   return new File([blob], name, { type: blob.type || "image/png" });
 }
 
-// ---------------------------------------------------------------------------------------------------------------
-// The key's recent jobs (GET /v1/jobs), each reopening its inputs and results
+// The key's recent jobs (GET /v1/jobs), each reopening its results, and its inputs when this browser sent it
 
 let nextCursor = null;
 
@@ -752,21 +775,18 @@ async function loadJobs(more = false) {
   if (more && nextCursor) query.set("cursor", nextCursor);
   try {
     const page = await api("GET", `/v1/jobs?${query}`);
-    const items = (page.jobs || page.data || []).map(jobListItem);
+    const items = page.jobs.map(jobListItem);
     if (more) list.append(...items);
     else list.replaceChildren(...items);
-    nextCursor = page.next_cursor || null;
+    nextCursor = page.next_cursor;
     $("more-jobs").hidden = !nextCursor;
   } catch (error) {
-    if (error instanceof ApiError && error.status === 401) reportError(error, $("jobs-error"));
-    else showError($("jobs-error"), `Your recent jobs cannot be listed: ${error.message}`);
+    reportError(error, $("jobs-error"));
   }
 }
 
 function jobListItem(job) {
   const item = document.createElement("li");
-  const created = job.created_at ? new Date(job.created_at * 1000).toLocaleString() : "";
-  const prompt = job.input && job.input.prompt ? `: ${job.input.prompt}` : "";
   const first = job.result && job.result.images && job.result.images[0];
   if (first) {
     const thumbnail = document.createElement("img");
@@ -775,17 +795,18 @@ function jobListItem(job) {
     item.append(thumbnail);
   }
   const words = document.createElement("span");
-  words.textContent = `${job.state} · ${created}${prompt}`;
+  const created = job.created_at ? new Date(job.created_at).toLocaleString() : "";
+  words.textContent = `${job.state} · ${created} · ${job.total_steps || ""} steps · ${job.id.slice(0, 8)}`;
   item.append(words, button("Open", `Open job ${job.id}`, () => openJob(job.id)));
-  item.dataset.jobId = job.id;
   return item;
 }
 
 async function openJob(id) {
   clearAllErrors();
+  $("jobs-note").hidden = true;
   try {
     const job = await api("GET", `/v1/jobs/${id}`);
-    const beforeSrc = await reopenInputs(job);
+    const beforeSrc = await reopenInputs(job.id);
     if (FINAL_STATES.has(job.state)) {
       if (current) current.abort.abort();
       current = null;
@@ -795,35 +816,87 @@ async function openJob(id) {
     } else {
       watchJob(job, beforeSrc);
     }
+    $("results").scrollIntoView({ behavior: "smooth", block: "nearest" });
   } catch (error) {
     reportError(error, $("jobs-error"));
   }
 }
 
 // The job's image, mask and parameters back into the editor; returns what the comparison shows as "before".
-async function reopenInputs(job) {
-  const given = job.input;
-  if (!given) return null;
-  for (const [id, name] of [["prompt", "prompt"], ["negative-prompt", "negative_prompt"], ["steps", "num_inference_steps"],
-    ["seed", "seed"], ["scheduler", "scheduler"], ["guidance", "guidance_scale"], ["strength", "strength"],
-    ["mask-blur", "mask_blur"], ["num-images", "num_images"]]) {
-    if (name in given) $(id).value = given[name] ?? "";
+async function reopenInputs(jobId) {
+  const kept = await inputMemory.recall(jobId);
+  if (!kept) {
+    $("jobs-note").textContent = "This job was not sent from this browser: its results are shown, its inputs are not.";
+    $("jobs-note").hidden = false;
+    return null;
   }
-  if ("keep_unmasked" in given) $("keep-unmasked").checked = Boolean(given.keep_unmasked);
-  if (!given.image_url) return null;
-  const image = await loadImageElement(given.image_url);
-  let maskImage = null;
-  if (given.mask_url) {
-    try {
-      maskImage = await createImageBitmap(await (await fetch(given.mask_url)).blob());
-    } catch {
-      showError($("image-error"), "The job's mask cannot be read back (the bucket does not allow it); paint it again.");
-    }
-  }
-  setInput({ src: given.image_url, file: null, uri: given.image, width: image.naturalWidth, height: image.naturalHeight },
-    maskImage);
-  return given.image_url;
+  setParameters(kept.parameters);
+  await useFile(kept.image, await createImageBitmap(kept.mask));
+  return input.src;
 }
+
+// The inputs of the jobs sent from this browser, by job id, in IndexedDB (the job object carries no inputs).
+const inputMemory = {
+  database: null,
+
+  open() {
+    this.database ||= new Promise((resolve, reject) => {
+      const request = indexedDB.open("inpaint-fleet", 1);
+      request.onupgradeneeded = () => {
+        request.result.createObjectStore("inputs", { keyPath: "jobId" }).createIndex("savedAt", "savedAt");
+      };
+      request.onsuccess = () => resolve(request.result);
+      request.onerror = () => reject(request.error);
+    });
+    return this.database;
+  },
+
+  // Runs `work(store)` in one transaction; resolves with the result of the request it returns (if any).
+  async transaction(mode, work) {
+    const database = await this.open();
+    return new Promise((resolve, reject) => {
+      const transaction = database.transaction("inputs", mode);
+      const request = work(transaction.objectStore("inputs"));
+      transaction.oncomplete = () => resolve(request ? request.result : undefined);
+      transaction.onerror = () => reject(transaction.error);
+    });
+  },
+
+  async remember(jobId, record) {
+    try {
+      await this.transaction("readwrite", (store) => {
+        store.put({ jobId, savedAt: Date.now(), ...record });
+        this.forgetOldest(store);
+        return null;
+      });
+    } catch (error) {
+      // Without storage (a private window, a full disk) the job still runs; only reopening its inputs is lost.
+      console.warn("the job's inputs are not kept in this browser:", error);
+    }
+  },
+
+  forgetOldest(store) {
+    const count = store.count();
+    count.onsuccess = () => {
+      let extra = count.result - KEPT_INPUTS;
+      store.index("savedAt").openCursor().onsuccess = (event) => {
+        const cursor = event.target.result;
+        if (cursor && extra-- > 0) {
+          cursor.delete();
+          cursor.continue();
+        }
+      };
+    };
+  },
+
+  async recall(jobId) {
+    try {
+      return await this.transaction("readonly", (store) => store.get(jobId));
+    } catch {
+      return undefined;
+    }
+  },
+};
 
 // ---------------------------------------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from api import page as page_module
+from api import errors, page as page_module
 from tests import devstack
 from tests.browser import browser, page  # noqa: F401  (fixtures)
 
@@ -23,6 +23,7 @@ NAMED_CONTROLS = ["API key", "Image", "Mask", "Prompt", "Negative prompt", "Step
 
 def page_only_app() -> FastAPI:
     app = FastAPI()
+    errors.install(app, retry_after_s=5)
     app.include_router(page_module.router)
     return app
 
