@@ -5,12 +5,15 @@ Import the fixtures into a test module (`from tests.browser import browser, page
 the test with that message, it never skips. `page` fails its test on any JavaScript error or console error the page
 logs, so a broken script never passes unnoticed.
 """
+import base64
+import io
 import os
 import shutil
 
 import pytest
+from PIL import Image
 
-__all__ = ["chromium_path", "browser", "page", "VIEWPORT"]
+__all__ = ["chromium_path", "browser", "page", "drag", "mask_image", "VIEWPORT"]
 
 VIEWPORT = {"width": 1280, "height": 860}   # a laptop screen
 ACTION_TIMEOUT_MS = 20_000
@@ -54,3 +57,22 @@ def page(browser):
 def _expected(text: str) -> bool:
     # The browser itself logs every 4xx/5xx answer to fetch(); the tests that cause one check what the page shows.
     return text.startswith("Failed to load resource")
+
+
+def drag(tab, start: tuple[float, float], end: tuple[float, float]) -> None:
+    """A mouse drag over the "Mask" canvas between two points given as fractions of its shown box."""
+    box = tab.get_by_label("Mask", exact=True).bounding_box()
+    point = lambda fx, fy: (box["x"] + fx * box["width"], box["y"] + fy * box["height"])  # noqa: E731
+    tab.mouse.move(*point(*start))
+    tab.mouse.down()
+    for step in range(1, 9):
+        fraction = step / 8
+        tab.mouse.move(*point(start[0] + (end[0] - start[0]) * fraction, start[1] + (end[1] - start[1]) * fraction))
+    tab.mouse.up()
+
+
+def mask_image(tab) -> Image.Image:
+    """The mask the page would send now, decoded (mode L: 255 = repaint)."""
+    uri = tab.evaluate("mask.toDataUri()")
+    assert uri.startswith("data:image/png;base64,")
+    return Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("L")

@@ -242,15 +242,14 @@ function setUpImageInput() {
   });
 }
 
-// The image as the job sends it: a data URI, or (over INLINE_MAX_BYTES) uploaded first and sent as its s3:// URI.
-async function imageForJob() {
-  if (input.file.size <= INLINE_MAX_BYTES) return readAsDataUri(input.file);
-  const upload = await api("POST", "/v1/uploads", { content_type: input.file.type });
+// An image too large to inline goes to S3 first (a presigned PUT); the job then names its s3:// URI.
+async function uploadImage(file) {
+  const upload = await api("POST", "/v1/uploads", { content_type: file.type });
   let response;
   try {
-    response = await fetch(upload.upload_url, { method: "PUT", headers: upload.headers || {}, body: input.file });
+    response = await fetch(upload.upload_url, { method: upload.method || "PUT", headers: upload.headers, body: file });
   } catch (error) {
-    throw new ApiError(0, "upload_failed", `uploading the image failed (${error.message})`);
+    throw new ApiError(0, "upload_failed", `uploading the image failed (${error.message}); the bucket may not allow this page (CORS)`);
   }
   if (!response.ok) throw new ApiError(response.status, "upload_failed", `uploading the image failed (HTTP ${response.status})`);
   return upload.uri;
@@ -476,14 +475,28 @@ async function submitJob(event) {
   setBusy(true);
   try {
     const parameters = jobParameters();
-    const body = { ...parameters, image: await imageForJob(), mask: mask.toDataUri() };
-    // A retried click never makes a second job.
-    const job = await api("POST", "/v1/jobs", body, { "Idempotency-Key": randomHex(16) });
+    const job = await sendJob(parameters);
     watchJob(job, input.src);
     inputMemory.remember(job.id, { image: input.file, mask: await mask.toBlob(), parameters });
   } catch (error) {
     reportError(error, $("form-error"));
     setBusy(false);
+  }
+}
+
+async function sendJob(parameters) {
+  const file = input.file;
+  const maskUri = mask.toDataUri();
+  // A retried click never makes a second job: each submission has its own Idempotency-Key.
+  const submit = async (image) => api("POST", "/v1/jobs", { ...parameters, image, mask: maskUri },
+    { "Idempotency-Key": randomHex(16) });
+  if (file.size > INLINE_MAX_BYTES) return submit(await uploadImage(file));
+  try {
+    return await submit(await readAsDataUri(file));
+  } catch (error) {
+    // The API's body limit is its own setting: an inline image over it is uploaded instead.
+    if (error instanceof ApiError && error.status === 413) return submit(await uploadImage(file));
+    throw error;
   }
 }
 
@@ -607,7 +620,8 @@ function renderProgress(run) {
   } else if (run.state === "running") {
     const now = Date.now() / 1000 - run.clockOffset;
     const elapsed = run.startedTs ? `, ${formatSeconds(Math.max(0, now - run.startedTs))} elapsed` : "";
-    words = `Running: ${phaseOf(run)}, step ${run.step}/${run.total}${elapsed}${etaText(run)}`;
+    const step = run.total ? `, step ${run.step}/${run.total}` : "";
+    words = `Running: ${phaseOf(run)}${step}${elapsed}${run.total ? etaText(run) : ""}`;
     bar.value = run.total ? run.step / run.total : 0;
     if (run.retryMessage) words += ` (retrying after ${run.retryMessage})`;
   } else {
@@ -648,7 +662,10 @@ async function finishJob(run) {
 function showJobOutcome(job, beforeSrc) {
   if (job.state === "failed") {
     const error = job.error || {};
-    showError($("job-error"), `The job failed (${error.code || "unknown"}): ${error.message || "no message"}`);
+    const words = `The job failed (${error.code || "unknown"}): ${error.message || "no message"}`;
+    showError($("job-error"), words);
+    // A worker's verdict on the inputs (over a limit, undecodable) belongs next to the image as well.
+    if (/^(image|mask)\b/.test(error.message || "")) showError($("image-error"), words);
   } else if (job.state === "canceled") {
     showError($("job-error"), "The job was canceled.");
   }

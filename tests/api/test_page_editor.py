@@ -2,7 +2,6 @@
 (painting, eraser, invert, undo, clear, the PNG it sends) and its layout on a laptop and a tablet, in a real Chromium.
 The page with the API, a worker and jobs is tested in test_page.py."""
 import base64
-import io
 import threading
 import time
 
@@ -14,7 +13,7 @@ from PIL import Image
 
 from api import errors, page as page_module
 from tests import devstack
-from tests.browser import browser, page  # noqa: F401  (fixtures)
+from tests.browser import browser, drag, mask_image, page  # noqa: F401  (fixtures)
 
 IMAGE_SIZE = (96, 48)   # not square: the mask must come back at the image's own size
 NAMED_CONTROLS = ["API key", "Image", "Mask", "Prompt", "Negative prompt", "Steps", "Seed", "Scheduler", "Guidance",
@@ -48,24 +47,6 @@ def image_file(tmp_path):
     path = tmp_path / "photo.png"
     Image.new("RGB", IMAGE_SIZE, (30, 120, 60)).save(path)
     return path
-
-
-def mask_image(tab) -> Image.Image:
-    uri = tab.evaluate("mask.toDataUri()")
-    assert uri.startswith("data:image/png;base64,")
-    return Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("L")
-
-
-def drag(tab, start: tuple[float, float], end: tuple[float, float]) -> None:
-    """A mouse drag between two points given as fractions of the mask canvas's shown box."""
-    box = tab.get_by_label("Mask", exact=True).bounding_box()
-    point = lambda fx, fy: (box["x"] + fx * box["width"], box["y"] + fy * box["height"])  # noqa: E731
-    tab.mouse.move(*point(*start))
-    tab.mouse.down()
-    for step in range(1, 9):
-        fraction = step / 8
-        tab.mouse.move(*point(start[0] + (end[0] - start[0]) * fraction, start[1] + (end[1] - start[1]) * fraction))
-    tab.mouse.up()
 
 
 def open_with_image(tab, page_url, image_file):
