@@ -94,8 +94,13 @@ class JobService:
         return Submitted(await self.job(key, job_id), created=True)
 
     def _prepare(self, request: "_JobRequest", job_id: str):
-        submission = self.client._prepare(request.image, request.mask, request.prompt,
-                                          {**request.options, "job_id": job_id})
+        try:
+            submission = self.client._prepare(request.image, request.mask, request.prompt,
+                                              {**request.options, "job_id": job_id})
+        except schema.JobError:
+            raise
+        except ValueError as error:   # the client's own input checks (not an image, a format it does not send)
+            raise _invalid(str(error)) from None
         self.settings.limits.check_job(schema.Job.from_dict(submission.job))
         return submission
 
