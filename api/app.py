@@ -122,10 +122,11 @@ def _add_operations(app: FastAPI, settings: ApiSettings) -> None:
     async def readyz(request: Request):
         """Redis and S3 answer (the readiness probe)."""
         checks = await request.app.state.service.ready()
-        ready = all(checks.values())
-        return JSONResponse({"status": "ready" if ready else "unavailable", **checks},
-                            status_code=200 if ready else 503,
-                            headers=None if ready else {"Retry-After": str(settings.retry_after_s)})
+        down = [name for name, up in checks.items() if not up]
+        if not down:
+            return {"status": "ready", **checks}
+        body = {**errors.error_body(errors.UNAVAILABLE, f"{' and '.join(down)} not answering"), **checks}
+        return JSONResponse(body, status_code=503, headers={"Retry-After": str(settings.retry_after_s)})
 
     @app.get("/metrics", tags=["operations"], response_class=Response)
     async def prometheus() -> Response:
