@@ -132,6 +132,27 @@ def test_recent_jobs_reopen_their_inputs_and_results(page, stack, key, image_fil
         other.close()
 
 
+def test_a_dropped_event_stream_is_resumed_after_the_last_event_seen(page, stack, key, image_file):
+    sent_ids, delivered_ids = [], []   # the Last-Event-ID of each events request; the ids the first one got
+
+    def end_the_first_stream_early(route):
+        sent_ids.append(route.request.headers.get("last-event-id"))
+        if len(sent_ids) > 1:
+            return route.continue_()
+        whole = route.fetch(timeout=JOB_TIMEOUT_MS)   # the real stream, to the job's end
+        first_two = [block for block in whole.text().split("\n\n") if block.startswith("id:")][:2]
+        delivered_ids.extend(re.search(r"^id: (\S+)", block, re.MULTILINE).group(1) for block in first_two)
+        route.fulfill(response=whole, body="".join(block + "\n\n" for block in first_two))   # then it ends
+
+    page.route("**/v1/jobs/*/events", end_the_first_stream_early)
+    open_page(page, stack, key)
+    fill_job(page, image_file, steps=2)
+    page.get_by_role("button", name="Inpaint").click()
+    expect_result(page)
+    assert sent_ids[0] is None and sent_ids[1] == delivered_ids[-1]
+    assert any("reconnecting" in text for text in page.evaluate("window.progressSeen"))
+
+
 def test_cancel_a_running_job(page, stack, key, tmp_path):
     # The largest job the workers take (most steps, most pixels), so it is still running when Cancel is clicked.
     largest = tmp_path / "largest.png"
