@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 
 from api_client import schema
 from api_client.client import EnqueueError, InpaintClient
+from api_client.http import ApiRequestError
 from api_client.keys_cli import add_keys_command
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE = 0, 1, 2
@@ -70,6 +71,9 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     except TimeoutError as error:
         _fail(args, schema.TIMEOUT, str(error))
+        return EXIT_JOB_FAILED
+    except ApiRequestError as error:   # HTTP mode (INPAINT_API_URL): the API's own error code
+        _fail(args, error.code, error.message)
         return EXIT_JOB_FAILED
     except (RedisError, EnqueueError) as error:
         _fail(args, QUEUE_UNAVAILABLE, str(error))

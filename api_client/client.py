@@ -20,9 +20,11 @@ import redis.asyncio.retry
 import redis.retry
 from redis.backoff import NoBackoff
 from celery import Celery
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from api_client import schema
+from api_client.http import HttpInpaintClient
+from api_client.inputs import encoded_image
 from api_client.s3 import s3_client
 from api_client.schema import redact_url
 
@@ -157,7 +159,7 @@ class _ClientCore:
             if isinstance(value, str) and value.startswith("s3://"):
                 uris[name] = value
                 continue
-            body, extension = _encoded_image(name, value)
+            body, extension = encoded_image(name, value)
             uploads.append(_Upload(f"inputs/{job_id}/{name}.{extension}", body, schema.CONTENT_TYPES[extension]))
             uris[name] = f"s3://{bucket}/{uploads[-1].key}"
         job = schema.Job.from_dict({
@@ -232,6 +234,15 @@ class InpaintClient(_ClientCore):
     """Blocking client (DESIGN §7). Use as a context manager, or call close()."""
 
     _redis_class = redis.Redis
+
+    @classmethod
+    def from_env(cls, environ=None):
+        """With INPAINT_API_URL and INPAINT_API_KEY set: an HttpInpaintClient (the same methods, over the HTTP
+        API); otherwise a client of the fleet's Redis and S3, configured by the INPAINT_* variables."""
+        env = os.environ if environ is None else environ
+        if env.get("INPAINT_API_URL") and env.get("INPAINT_API_KEY"):
+            return HttpInpaintClient.from_env(env)
+        return super().from_env(environ)
 
     def close(self) -> None:
         self._uploader.shutdown()
@@ -452,32 +463,6 @@ def _celery_app(broker_url: str, timeout_s: float | None) -> Celery:
         app.conf.update(broker_connection_timeout=timeout_s,
                         broker_transport_options={"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s})
     return app
-
-
-def _encoded_image(name: str, value) -> tuple[bytes, str]:
-    """(file bytes, extension) of an input given as a PIL image, bytes or a path; PIL images are sent as PNG,
-    files as they are (PNG, JPEG or WEBP)."""
-    if isinstance(value, Image.Image):
-        buffer = io.BytesIO()
-        value.save(buffer, format="PNG")
-        return buffer.getvalue(), "png"
-    if isinstance(value, (str, os.PathLike)):
-        path = Path(value)
-        if not path.is_file():
-            raise ValueError(f"{name}: no such file: {path}")
-        value = path.read_bytes()
-    if not isinstance(value, (bytes, bytearray, memoryview)):
-        raise ValueError(f"{name}: expected a PIL image, bytes, a path or an s3:// URI, got {type(value).__name__}")
-    body = bytes(value)
-    try:
-        with Image.open(io.BytesIO(body)) as image:
-            image_format = image.format
-    except UnidentifiedImageError:
-        raise ValueError(f"{name}: the bytes are not an image PIL can read") from None
-    if image_format not in INPUT_FORMATS:
-        raise ValueError(f"{name}: {image_format} images are not accepted; send {', '.join(INPUT_FORMATS)} "
-                         "(or a PIL image, sent as PNG)")
-    return body, INPUT_FORMATS[image_format]
 
 
 def _int_variable(env, variable: str, default: int) -> int:
