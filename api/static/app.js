@@ -50,7 +50,7 @@ function reportError(error, fallback) {
     return;
   }
   if (error.status === 401) {
-    showError($("key-error"), `The API key was refused: ${error.message}`);
+    showError($("key-error"), error.code === "no_key" ? "Enter your API key first." : `The API key was refused: ${error.message}`);
     $("api-key").focus();
   } else if (error.status === 413) {
     showError($("image-error"), `The image is too large for the API: ${error.message}`);
@@ -73,7 +73,7 @@ function apiKey() {
 
 function authHeaders() {
   const key = apiKey();
-  if (!key) throw new ApiError(401, "unauthorized", "enter your API key first");
+  if (!key) throw new ApiError(401, "no_key", "no API key");
   return { Authorization: `Bearer ${key}` };
 }
 
@@ -247,7 +247,7 @@ async function uploadImage(file) {
   const upload = await api("POST", "/v1/uploads", { content_type: file.type });
   let response;
   try {
-    response = await fetch(upload.upload_url, { method: upload.method || "PUT", headers: upload.headers, body: file });
+    response = await fetch(upload.upload_url, { method: upload.method, headers: upload.headers, body: file });
   } catch (error) {
     throw new ApiError(0, "upload_failed", `uploading the image failed (${error.message}); the bucket may not allow this page (CORS)`);
   }
@@ -487,9 +487,17 @@ async function submitJob(event) {
 async function sendJob(parameters) {
   const file = input.file;
   const maskUri = mask.toDataUri();
-  // A retried click never makes a second job: each submission has its own Idempotency-Key.
-  const submit = async (image) => api("POST", "/v1/jobs", { ...parameters, image, mask: maskUri },
-    { "Idempotency-Key": randomHex(16) });
+  const submit = async (image) => {
+    const body = { ...parameters, image, mask: maskUri };
+    const headers = { "Idempotency-Key": randomHex(16) };
+    try {
+      return await api("POST", "/v1/jobs", body, headers);
+    } catch (error) {
+      // The answer was lost: the same request again returns the job it made, if it made one, never a second one.
+      if (error instanceof ApiError && error.status === 0) return api("POST", "/v1/jobs", body, headers);
+      throw error;
+    }
+  };
   if (file.size > INLINE_MAX_BYTES) return submit(await uploadImage(file));
   try {
     return await submit(await readAsDataUri(file));
@@ -575,9 +583,9 @@ function applyEvent(run, event) {
   run.total = event.total_steps;
   run.phase = (event.data && event.data.phase) || null;
   if (event.type === "retry") run.retryMessage = (event.data && event.data.error && event.data.error.message) || "a transient error";
-  if (event.state === "running" && event.type === "state") {
+  if (event.state === "running" && event.type === "state") {   // a start, or a restart after a retry
     run.startedTs = event.ts;
-    run.firstStep = run.lastStep = null;
+    run.firstStep = run.lastStep = run.retryMessage = null;
   }
   if (event.type === "progress" && event.step > 0) {
     if (!run.firstStep) run.firstStep = { step: event.step, ts: event.ts };
@@ -628,6 +636,7 @@ function renderProgress(run) {
     words = { succeeded: "Done", failed: "Failed", canceled: "Canceled" }[run.state] || run.state;
     bar.value = run.state === "succeeded" ? 1 : bar.value;
   }
+  if (run.canceling && !FINAL_STATES.has(run.state)) words += " (canceling...)";
   if (run.reconnecting) words += " (connection lost, reconnecting...)";
   text.textContent = words;
 }
@@ -640,11 +649,13 @@ function etaText(run) {
 }
 
 async function cancelJob() {
-  if (!current) return;
+  const run = current;
+  if (!run) return;
   $("cancel").disabled = true;
   try {
-    await api("POST", `/v1/jobs/${current.id}/cancel`);
-    $("progress-text").textContent = "Canceling...";
+    await api("POST", `/v1/jobs/${run.id}/cancel`);
+    run.canceling = true;
+    renderProgress(run);
   } catch (error) {
     $("cancel").disabled = false;
     reportError(error, $("job-error"));
@@ -685,6 +696,7 @@ function showResults(job, beforeSrc) {
 
 function resultFigure(job, image, index, beforeSrc) {
   const number = index + 1;
+  const extension = image.uri.split(".").pop();   // s3://bucket/jobs/<id>/<i>.png (or the job's output format)
   const figure = document.createElement("figure");
   const picture = document.createElement("img");
   picture.src = image.url;
@@ -695,8 +707,8 @@ function resultFigure(job, image, index, beforeSrc) {
   actions.className = "result-actions";
   actions.append(
     button("Compare", `Compare result ${number} with the input`, () => compare(beforeSrc, image.url)),
-    downloadLink(image.url, `inpaint-${job.id.slice(0, 8)}-${number}.png`, `Download result ${number}`),
-    button("Use as input", `Use result ${number} as input`, () => useResult(image, number)),
+    downloadLink(image.url, `inpaint-${job.id.slice(0, 8)}-${number}.${extension}`, `Download result ${number}`),
+    button("Use as input", `Use result ${number} as input`, () => useResult(image, `result-${number}.${extension}`)),
   );
   figure.append(picture, caption, actions);
   return figure;
@@ -755,13 +767,13 @@ function setComparePosition() {
 }
 
 // Inpaint again on a result: its image becomes the input (fetched from S3: the bucket must allow this origin).
-async function useResult(image, number) {
+async function useResult(image, name) {
   clearAllErrors();
   try {
-    await useFile(await fetchAsFile(image.url, `result-${number}.png`));
+    await useFile(await fetchAsFile(image.url, name));
     $("stage").scrollIntoView({ behavior: "smooth", block: "start" });
   } catch (error) {
-    showError($("image-error"), `Result ${number} cannot be used as input: ${error.message}.`);
+    showError($("image-error"), `The result cannot be used as input: ${error.message}.`);
   }
 }
 
@@ -774,7 +786,9 @@ async function fetchAsFile(url, name) {
   }
   if (!response.ok) throw new Error(`fetching it answered HTTP ${response.status}`);
   const blob = await response.blob();
-  return new File([blob], name, { type: blob.type || "image/png" });
+  // Storage may label it generically; the file name says what the worker wrote.
+  const type = blob.type.startsWith("image/") ? blob.type : `image/${name.split(".").pop()}`;
+  return new File([blob], name, { type });
 }
 
 // The key's recent jobs (GET /v1/jobs), each reopening its results, and its inputs when this browser sent it

@@ -145,6 +145,14 @@ def test_submitting_without_a_mask_says_what_is_missing(page, page_url, image_fi
     assert "Paint the mask first" in page.get_by_text("Paint the mask first").inner_text()
 
 
+def test_submitting_without_a_key_asks_for_one_at_the_key(page, page_url, image_file):
+    open_with_image(page, page_url, image_file)
+    drag(page, (0.2, 0.5), (0.8, 0.5))
+    page.get_by_role("button", name="Inpaint").click()
+    assert page.locator("#key-error").inner_text() == "Enter your API key first."
+    assert page.evaluate("document.activeElement.id") == "api-key"
+
+
 def test_a_file_that_is_not_an_image_is_refused_in_words(page, page_url, tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("not an image")
