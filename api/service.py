@@ -14,6 +14,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from kombu.transport.redis import Channel
+
 from api import errors
 from api.errors import ApiError
 from api.render import render_job
@@ -29,9 +31,6 @@ WEBHOOK_EVENTS = ("start", "progress", "completed")
 DEFAULT_WEBHOOK_EVENTS = ["completed"]
 _DATA_URI = re.compile(r"^data:(image/[a-z0-9.+-]+)?(;[a-z0-9=._-]+)*;base64,", re.IGNORECASE)
 _ENTRY_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
-# Kombu's Redis transport: one list per priority step, named queue + separator + step (step 0: the bare name).
-PRIORITY_STEPS = (0, 3, 6, 9)
-PRIORITY_SEPARATOR = "\x06\x16"
 
 
 @dataclass(frozen=True)
@@ -141,8 +140,9 @@ class JobService:
         """Messages served before the job (see state.QUEUE_POSITION: O(position), capped)."""
         queue = values.get("queue") or self.settings.queue
         priority = json.loads(values.get("job") or "{}").get("priority", 5)
-        own = max(step for step in PRIORITY_STEPS if step <= priority)
-        lists = [_priority_list(queue, step) for step in PRIORITY_STEPS if step < own] + [_priority_list(queue, own)]
+        steps = Channel.priority_steps   # kombu's Redis transport: one list per step, lower steps served first
+        own = max(step for step in steps if step <= priority)
+        lists = [_priority_list(queue, step) for step in steps if step < own] + [_priority_list(queue, own)]
         position = await self._scripts.run(state.QUEUE_POSITION, lists, [job_id, self.settings.queue_scan_max])
         return None if position == -2 else max(0, position)
 
@@ -234,7 +234,8 @@ def upload_prefix(key: keys.ApiKey) -> str:
 
 
 def _priority_list(queue: str, step: int) -> str:
-    return f"{queue}{PRIORITY_SEPARATOR}{step}" if step else queue
+    """The Redis list kombu keeps for `queue`'s priority step (Channel._q_for_pri: step 0 is the bare name)."""
+    return f"{queue}{Channel.sep}{step}" if step else queue
 
 
 def _digest(body: dict) -> str:
