@@ -11,7 +11,7 @@ import uuid
 import pytest
 from PIL import Image
 
-from api_client import cli, schema
+from api_client import cli, schema, state
 from tests.test_client import (BUCKET, QUEUE, finish, picture, png_bytes, queued_messages, s3, services, store,
                                task_args)
 from tests import devstack
@@ -144,7 +144,7 @@ def publish_result(s3, store, job_id: str, colors) -> list[bytes]:
 def publish_once_queued(s3, store, job_id: str, colors) -> None:
     """Play a worker that takes the job once the CLI has queued it (never before: that would be another job)."""
     deadline = time.monotonic() + 20
-    while store.hget(schema.job_key(job_id), "state") != schema.QUEUED and time.monotonic() < deadline:
+    while store.hget(state.job_key(job_id), "state") != schema.QUEUED and time.monotonic() < deadline:
         time.sleep(0.02)
     publish_result(s3, store, job_id, colors)
 

@@ -18,6 +18,7 @@ import pytest
 import yaml
 from kombu.transport.redis import Channel
 
+from api.settings import ApiSettings
 from api_client import schema
 from worker import gpus
 from worker.app import create_app
@@ -26,6 +27,7 @@ from worker.settings import Settings
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 WORKER_IMAGE = "inpaint-fleet-worker"
+API_IMAGE = "inpaint-fleet-api"
 # Upstream images the deployment uses, by name; each must carry an explicit tag.
 UPSTREAM_IMAGES = {"redis", "quay.io/minio/minio", "quay.io/minio/mc", "mher/flower"}
 # Variables the code reads: the settings, the ones worker.gpus and worker.metrics read before settings has them,
@@ -196,7 +198,7 @@ def test_compose_images_are_ours_or_tagged_upstream_images():
     for name, service in spec["services"].items():
         image = interpolate(service["image"])
         repository, _, tag = image.rpartition(":")
-        assert tag and (repository == WORKER_IMAGE or repository in UPSTREAM_IMAGES), f"{name}: {image}"
+        assert tag and (repository in (WORKER_IMAGE, API_IMAGE) or repository in UPSTREAM_IMAGES), f"{name}: {image}"
         # MinIO's community images exist only as the last tags published on quay.io: `latest` will never move.
         assert not (repository.startswith("quay.io/minio/") and tag == "latest"), f"{name}: pin {image}"
         if "build" in service:
@@ -288,6 +290,26 @@ def test_compose_redis_is_durable_password_protected_and_never_evicts():
         interpolate(worker_services(spec)["worker-gpu0"]["environment"]["INPAINT_BROKER_URL"])
 
 
+def test_compose_api_reads_its_settings_and_shares_the_workers_redis_and_bucket():
+    spec = compose()
+    api = spec["services"]["api"]
+    assert api["build"]["dockerfile"] == "docker/Dockerfile.api" and "profiles" not in api   # in every profile
+    env = {key: interpolate(value) for key, value in api["environment"].items()}
+    settings = ApiSettings.from_env(env)
+    worker = {key: interpolate(value) for key, value in worker_services(spec)["worker-gpu0"]["environment"].items()
+              if isinstance(value, str)}
+    for name in ("INPAINT_BROKER_URL", "INPAINT_QUEUE", "INPAINT_S3_ENDPOINT_URL", "INPAINT_BUCKET",
+                 "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert env[name] == worker[name], name
+    (port,) = api["ports"]
+    assert port.rsplit(":", 1)[1] == str(settings.port) and settings.host == "0.0.0.0"
+    assert "/readyz" in " ".join(api["healthcheck"]["test"])
+    dockerfile = (DOCKER / "Dockerfile.api").read_text()
+    assert 'ENTRYPOINT ["inpaint-api"]' in dockerfile and "inpaint-api" in {e.name for e in entry_points(
+        group="console_scripts")}
+    assert "torch" not in dockerfile and re.search(r'pip install "\.\[api\]"', dockerfile)
+
+
 # ---------------------------------------------------------------- Kubernetes
 
 def test_manifests_parse_and_reference_existing_objects():
@@ -332,6 +354,28 @@ def test_worker_deployment_gpu_probes_metrics_and_grace():
     assert {item["name"]: item["value"] for item in worker["env"]}[gpus.GPUS_ENV] == ""
 
 
+def test_api_deployment_probes_service_and_autoscaling():
+    deployment = manifest("Deployment", "inpaint-api")
+    api = container(deployment)
+    assert api["image"].rpartition(":")[0] == API_IMAGE
+    env = {item["name"]: item["value"] for item in api["env"]}
+    config, secret = manifest("ConfigMap", "inpaint-worker")["data"], manifest("Secret", "inpaint-secrets")
+    settings = ApiSettings.from_env({**config, **secret["stringData"], **env})
+    (port,) = api["ports"]
+    assert port["containerPort"] == settings.port and settings.host == "0.0.0.0"
+    assert api["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port["name"]}
+    assert api["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": port["name"]}
+    refs = {ref[kind]["name"] for ref in api["envFrom"] for kind in ref}
+    assert refs == {"inpaint-worker", "inpaint-secrets"}
+    service = manifest("Service", "inpaint-api")
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["ports"][0]["targetPort"] == port["name"]
+    hpa = manifest("HorizontalPodAutoscaler", "inpaint-api")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "inpaint-api" and hpa["spec"]["minReplicas"] >= 2
+    # Longer than the longest held request, so a rollout ends `Prefer: wait` answers instead of cutting them.
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > settings.max_wait_s
+
+
 def test_redis_statefulset_is_durable_and_never_evicts():
     redis = manifest("StatefulSet", "inpaint-redis")
     (server,) = redis["spec"]["template"]["spec"]["containers"]
@@ -353,7 +397,7 @@ def celery_queue_keys(queue: str) -> list[str]:
 
 def test_keda_watches_every_priority_list_of_the_configured_queue():
     scaled = manifest("ScaledObject")
-    assert scaled["spec"]["scaleTargetRef"]["name"] == manifest("Deployment")["metadata"]["name"]
+    assert scaled["spec"]["scaleTargetRef"]["name"] == manifest("Deployment", "inpaint-worker")["metadata"]["name"]
     queue = manifest("ConfigMap", "inpaint-worker")["data"]["INPAINT_QUEUE"]
     triggers = scaled["spec"]["triggers"]
     assert sorted(t["metadata"]["listName"] for t in triggers) == sorted(celery_queue_keys(queue))
@@ -371,7 +415,8 @@ def test_keda_watches_every_priority_list_of_the_configured_queue():
         assert int(port) == redis_service["spec"]["ports"][0]["port"]
 
 
-@pytest.mark.parametrize("path", ["docker/Dockerfile", "docker/compose.yml", "docs/deploying.md"])
+@pytest.mark.parametrize("path", ["docker/Dockerfile", "docker/Dockerfile.api", "docker/compose.yml",
+                                  "docs/deploying.md", "docker/k8s/api.yaml"])
 def test_deployment_files_hold_no_real_looking_secrets(path):
     text = (ROOT / path).read_text()
     assert not re.search(r"AKIA[0-9A-Z]{16}", text)
