@@ -12,7 +12,7 @@ import boto3
 import pytest
 from PIL import Image
 
-from api_client import schema
+from api_client import schema, state
 from tests.api.conftest import JOB_TIMEOUT_S, MAX_BODY_BYTES, WORKER_ENV
 from tests.browser import browser, drag, page  # noqa: F401  (fixtures)
 from tests.service.conftest import sample_image
@@ -72,7 +72,7 @@ def inpaint(tab, image_file, steps: int, prompt: str = "a red square") -> str:
 
 def stored_job(stack, job_id: str) -> dict:
     """The job as the API submitted it (image and mask as s3:// URIs)."""
-    return json.loads(stack.redis.hget(schema.job_key(job_id), "job"))
+    return json.loads(stack.redis.hget(state.job_key(job_id), "job"))
 
 
 def read_image(s3, uri: str) -> Image.Image:
@@ -162,7 +162,7 @@ def test_cancel_a_running_job(page, stack, key, tmp_path):
     page.get_by_role("button", name="Cancel").click()
 
     page.get_by_text("The job was canceled.").wait_for(timeout=JOB_TIMEOUT_MS)
-    assert stack.redis.hget(schema.job_key(job_id), "state") == schema.CANCELED
+    assert stack.redis.hget(state.job_key(job_id), "state") == schema.CANCELED
     assert page.get_by_role("button", name="Cancel").is_hidden()
     assert page.get_by_role("img", name="Result 1").count() == 0
 
@@ -171,7 +171,7 @@ def test_inpaint_again_from_a_result(page, stack, key, image_file, s3):
     open_page(page, stack, key)
     first_id = inpaint(page, image_file, steps=2)
     expect_result(page)
-    first_result = json.loads(stack.redis.hget(schema.job_key(first_id), "result"))["images"][0]
+    first_result = json.loads(stack.redis.hget(state.job_key(first_id), "result"))["images"][0]
 
     page.get_by_role("button", name="Use result 1 as input").click()
     page.wait_for_function("() => input && input.file.name === 'result-1.png' && mask.isEmpty()")
