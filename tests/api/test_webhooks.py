@@ -6,6 +6,7 @@ import hmac
 import json
 import secrets
 import time
+from pathlib import Path
 
 import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
@@ -157,3 +158,20 @@ def test_job_filters_default_to_completed():
 
 def test_retry_delays_double_from_the_base_up_to_the_cap():
     assert [webhooks.retry_delay_s(n, 10.0, 60.0) for n in range(1, 6)] == [10.0, 20.0, 40.0, 60.0, 60.0]
+
+
+def test_webhook_settings_are_checked_and_listed_in_the_readme():
+    from dataclasses import fields
+
+    from api.settings import ApiSettings
+
+    base = {"INPAINT_BUCKET": "b"}
+    with pytest.raises(ValueError, match="INPAINT_WEBHOOK_RECLAIM_S=10.0: must exceed INPAINT_WEBHOOK_TIMEOUT_S"):
+        ApiSettings.from_env({**base, "INPAINT_WEBHOOK_TIMEOUT_S": "10", "INPAINT_WEBHOOK_RECLAIM_S": "10"})
+    with pytest.raises(ValueError, match="INPAINT_WEBHOOK_BACKOFF_S=31.0: outside"):   # first retry within 30 s
+        ApiSettings.from_env({**base, "INPAINT_WEBHOOK_BACKOFF_S": "31"})
+    settings = ApiSettings.from_env({**base, "INPAINT_WEBHOOK_ALLOW_HOSTS": "127.0.0.1, localhost"})
+    assert settings.webhook_hosts == {"127.0.0.1", "localhost"}
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    variables = [f.metadata["variable"] for f in fields(ApiSettings) if f.name.startswith("webhook_")]
+    assert len(variables) == 7 and all(f"`{variable}`" in readme for variable in variables)
