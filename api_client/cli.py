@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 
 from api_client import schema
 from api_client.client import EnqueueError, InpaintClient
+from api_client.keys_cli import add_keys_command
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE = 0, 1, 2
 # The CLI's own error code for a Redis it cannot reach (the job codes of DESIGN §5 describe jobs, not clients).
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
     run.add_argument("--dtype", help="float16, bfloat16 or float32 (default: float16 on cuda)")
     run.set_defaults(handler=_run)
+    add_keys_command(commands, common)
     return parser
 
 

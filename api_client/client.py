@@ -115,12 +115,16 @@ class _ClientCore:
 
     def __init__(self, broker_url: str = DEFAULT_BROKER_URL, state_url: str | None = None,
                  s3_endpoint_url: str | None = None, bucket: str | None = None, queue: str = DEFAULT_QUEUE,
-                 state_ttl_s: int = schema.STATE_TTL_SECONDS, events_maxlen: int = schema.EVENTS_STREAM_MAXLEN):
+                 state_ttl_s: int = schema.STATE_TTL_SECONDS, events_maxlen: int = schema.EVENTS_STREAM_MAXLEN,
+                 timeout_s: float | None = None):
+        """timeout_s: connect and read timeout of each Redis, S3 and broker call (None: the libraries' own, S3's
+        10 s connect and 60 s read); a server that needs answers fast (the HTTP API) sets it short."""
         self.config = ClientConfig(broker_url, state_url, s3_endpoint_url, bucket, queue, state_ttl_s,
                                    events_maxlen)
-        self._s3 = s3_client(s3_endpoint_url)
-        self._celery = _celery_app(broker_url)
-        self._redis = self._redis_class.from_url(state_url or broker_url, decode_responses=True)
+        self._s3 = s3_client(s3_endpoint_url, timeout_s)
+        self._celery = _celery_app(broker_url, timeout_s)
+        self._redis = self._redis_class.from_url(state_url or broker_url, decode_responses=True,
+                                                 socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self._create_queued = self._redis.register_script(CREATE_QUEUED_SCRIPT)
         self._cancel = self._redis.register_script(CANCEL_SCRIPT)
         # Image and mask go up side by side: against a remote S3 each PUT is a round trip.
@@ -162,14 +166,16 @@ class _ClientCore:
         self._s3.put_object(Bucket=self.config.bucket, Key=upload.key, Body=upload.body,
                             ContentType=upload.content_type)
 
-    def _send(self, job: dict) -> None:
-        """Publish the task by name, JSON, with the job_id as task id (so cancel can revoke it)."""
+    def _send(self, job: dict, queue: str | None = None) -> None:
+        """Publish the task by name, JSON, with the job_id as task id (so cancel can revoke it), on `queue`
+        (default: the configured one)."""
+        queue = queue or self.config.queue
         try:
-            self._celery.send_task(schema.TASK_NAME, args=[job], task_id=job["job_id"], queue=self.config.queue,
+            self._celery.send_task(schema.TASK_NAME, args=[job], task_id=job["job_id"], queue=queue,
                                    priority=job["priority"], serializer="json", retry=True,
                                    retry_policy=PUBLISH_RETRY_POLICY)
         except Exception as error:  # kombu raises many transport-specific types; the caller needs one
-            raise EnqueueError(f"enqueue: could not send job {job['job_id']} to queue {self.config.queue!r} "
+            raise EnqueueError(f"enqueue: could not send job {job['job_id']} to queue {queue!r} "
                                f"on {redact_url(self.config.broker_url)}: {error}") from error
 
     def _revoke(self, job_id: str) -> None:
@@ -183,9 +189,9 @@ class _ClientCore:
         args += [item for pair in (*state.items(), *event.items()) for item in pair]
         return {"keys": keys, "args": args}
 
-    def _queued_call(self, job: dict) -> dict:
+    def _queued_call(self, job: dict, extra_state: dict | None = None) -> dict:
         event = schema.event_fields(job["job_id"], schema.EVENT_STATE, schema.QUEUED)
-        return self._script_call(job["job_id"], schema.queued_state_fields(job), event)
+        return self._script_call(job["job_id"], {**schema.queued_state_fields(job), **(extra_state or {})}, event)
 
     def _cancel_call(self, job_id: str) -> dict:
         now = time.time()
@@ -307,31 +313,50 @@ class AsyncInpaintClient(_ClientCore):
 
     async def submit(self, image, mask, prompt: str, **job_options) -> str:
         submission = await asyncio.to_thread(self._prepare, image, mask, prompt, job_options)
+        await self.submit_prepared(submission)
+        return submission.job["job_id"]
+
+    async def submit_prepared(self, submission: _Submission, queue: str | None = None,
+                              extra_state: dict | None = None) -> bool:
+        """Upload, record as queued (with `extra_state` fields in the job's hash) and enqueue on `queue` a
+        submission from _prepare; False when the job_id has a state already (nothing is sent again)."""
         job = submission.job
         if await self._redis.exists(schema.job_key(job["job_id"])):
-            return job["job_id"]
+            return False
         loop = asyncio.get_running_loop()
         await asyncio.gather(*(loop.run_in_executor(self._uploader, self._upload, u) for u in submission.uploads))
-        call = self._queued_call(job)
-        if await self._create_queued(**call):
-            try:
-                await asyncio.to_thread(self._send, job)
-            except EnqueueError:
-                await self._redis.delete(*call["keys"][:2])
-                raise
-        return job["job_id"]
+        call = self._queued_call(job, extra_state)
+        if not await self._create_queued(**call):
+            return False
+        try:
+            await asyncio.to_thread(self._send, job, queue)
+        except EnqueueError:
+            await self._redis.delete(*call["keys"][:2])
+            raise
+        return True
 
     async def status(self, job_id: str) -> schema.JobStatus:
         return schema.JobStatus.from_hash(job_id, await self._redis.hgetall(schema.job_key(job_id)))
 
     async def events(self, job_id: str, timeout: float | None = None):
-        reader = _EventReader(job_id, timeout)
+        async for entry in self.event_entries(job_id, timeout=timeout):
+            if entry is not None:
+                yield entry[1]
+
+    async def event_entries(self, job_id: str, timeout: float | None = None, after: str = "0-0",
+                            idle_s: float | None = None):
+        """Yield (stream entry id, event) for the job's events after entry `after`, ending as events() does.
+        With `idle_s`, also yield None whenever that long passed without an event (a server's keep-alive)."""
+        reader = _EventReader(job_id, timeout, after, idle_s)
         while not reader.done:
             reply = await self._redis.xread(reader.streams, block=reader.block_ms(), count=100)
-            for event in reader.take(reply):
-                yield event
-            if reader.idle(reply) and _ended(await self.status(job_id)):
-                return
+            for entry in reader.take_entries(reply):
+                yield entry
+            if reader.idle(reply):
+                if _ended(await self.status(job_id)):
+                    return
+                if idle_s is not None:
+                    yield None
 
     async def wait(self, job_id: str, timeout: float | None = None) -> schema.JobStatus:
         async for _ in self.events(job_id, timeout=timeout):
@@ -355,10 +380,12 @@ class AsyncInpaintClient(_ClientCore):
 class _EventReader:
     """The I/O-free half of events(): where to read from, how long to block, when the job's events end."""
 
-    def __init__(self, job_id: str, timeout: float | None):
+    def __init__(self, job_id: str, timeout: float | None, after: str = "0-0", block_s: float | None = None):
         self.job_id = job_id
+        # A block never outlasts EVENT_BLOCK_MS: the client's read timeout (when it has one) must not cut it.
+        self.block_limit_ms = EVENT_BLOCK_MS if block_s is None else max(1, min(EVENT_BLOCK_MS, int(block_s * 1000)))
         self.deadline = None if timeout is None else time.monotonic() + timeout
-        self.stream, self.last_id = schema.job_events_key(job_id), "0-0"
+        self.stream, self.last_id = schema.job_events_key(job_id), after
         self.done = False
 
     @property
@@ -368,22 +395,26 @@ class _EventReader:
     def block_ms(self) -> int:
         """How long the next read may block; raises TimeoutError once the deadline has passed."""
         if self.deadline is None:
-            return EVENT_BLOCK_MS
+            return self.block_limit_ms
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError(f"job {self.job_id}: not finished within the timeout")
-        return max(1, min(EVENT_BLOCK_MS, int(left * 1000)))
+        return max(1, min(self.block_limit_ms, int(left * 1000)))
 
     def take(self, reply) -> list[dict]:
         """The events of one XREAD reply, up to and including the first final one."""
-        events = []
+        return [event for _, event in self.take_entries(reply)]
+
+    def take_entries(self, reply) -> list[tuple[str, dict]]:
+        """(stream entry id, event) of one XREAD reply, up to and including the first final one."""
+        entries = []
         for entry_id, fields_ in (reply[0][1] if reply else []):
             self.last_id = entry_id
-            events.append(schema.parse_event(fields_))
-            if events[-1]["state"] in schema.FINAL_STATES:
+            entries.append((entry_id, schema.parse_event(fields_)))
+            if entries[-1][1]["state"] in schema.FINAL_STATES:
                 self.done = True
                 break
-        return events
+        return entries
 
     def idle(self, reply) -> bool:
         """True after a read that found nothing new: time to re-read the hash, whose end the stream may lack."""
@@ -395,10 +426,13 @@ def _ended(status: schema.JobStatus) -> bool:
     return status.final or status.state == schema.EXPIRED
 
 
-def _celery_app(broker_url: str) -> Celery:
+def _celery_app(broker_url: str, timeout_s: float | None) -> Celery:
     # JSON only, as the workers accept (DESIGN §4); the client never runs tasks, so no result backend.
     app = Celery("inpaint-client", broker=broker_url, set_as_current=False)
     app.conf.update(task_serializer="json", accept_content=["json"], broker_connection_retry_on_startup=False)
+    if timeout_s is not None:
+        app.conf.update(broker_connection_timeout=timeout_s,
+                        broker_transport_options={"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s})
     return app
 
 

@@ -3,11 +3,13 @@ import boto3
 from botocore.config import Config
 
 
-def s3_client(endpoint_url: str | None):
-    """A boto3 S3 client for AWS, MinIO or R2 (endpoint_url None means AWS)."""
+def s3_client(endpoint_url: str | None, timeout_s: float | None = None):
+    """A boto3 S3 client for AWS, MinIO or R2 (endpoint_url None means AWS). timeout_s: connect and read timeout,
+    and a single attempt (default: 10 s connect, 60 s read, 3 attempts)."""
     # Checksums only where S3 requires them: MinIO and R2 refuse some of the ones boto3 adds by default.
-    config = Config(signature_version="s3v4", retries={"mode": "standard", "max_attempts": 3},
-                    connect_timeout=10, read_timeout=60,
+    attempts = 3 if timeout_s is None else 1
+    config = Config(signature_version="s3v4", retries={"mode": "standard", "max_attempts": attempts},
+                    connect_timeout=timeout_s or 10, read_timeout=timeout_s or 60,
                     request_checksum_calculation="when_required",
                     response_checksum_validation="when_required")
     return boto3.client("s3", endpoint_url=endpoint_url or None, config=config)
