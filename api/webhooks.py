@@ -9,8 +9,9 @@ Public names:
   `webhook-timestamp`, `webhook-signature`).
 - `webhook_event(event) -> "start" | "progress" | "completed" | None`: the filter name an event of the shared
   stream passes (DESIGN §4's entries, as the worker and the client write them).
-- `Dispatcher(redis, settings)`: `await dispatcher.run()` until `await dispatcher.stop()`; one in every inpaint-api
-  process (never in a GPU worker). `redis` is a `redis.asyncio.Redis` with `decode_responses=True`.
+- `Dispatcher(redis, settings)`: `dispatcher.start()` (or `await dispatcher.run()`) until `await dispatcher.stop()`;
+  one in every inpaint-api process, started by the app's lifespan (never in a GPU worker). `redis` is a
+  `redis.asyncio.Redis` with `decode_responses=True`. The body's job object is `api.render.render_job`'s.
 
 How a delivery survives a lost process:
 1. Every API process reads the shared stream in the consumer group `inpaint:webhooks`: each entry goes to one
@@ -40,19 +41,18 @@ import redis.asyncio
 import redis.exceptions
 from standardwebhooks import Webhook
 
-from api_client import schema
+from api import render
+from api_client import keys, schema, state
 
 __all__ = ["WebhookURLError", "UnresolvableHost", "Target", "check_webhook_url", "resolve_target",
            "allowed_addresses", "sign", "webhook_event", "webhook_body", "job_filters", "retry_delay_s", "Dispatcher",
-           "EVENT_FILTERS", "DEFAULT_EVENTS", "GROUP", "DUE_KEY", "delivery_key", "PENDING", "DELIVERED", "FAILED"]
+           "EVENT_FILTERS", "DEFAULT_EVENTS", "PENDING", "DELIVERED", "FAILED"]
 
 log = logging.getLogger("inpaint.webhooks")
 
 EVENT_FILTERS = ("start", "progress", "completed")
 DEFAULT_EVENTS = ("completed",)
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
-GROUP = "inpaint:webhooks"
-DUE_KEY = "inpaint:webhooks:due"
 MAX_URL_CHARS = 2048
 POLL_S = 0.5                  # longest wait for new events; also how often due retries are looked for
 BATCH = 100                   # events read (or reclaimed) at once
@@ -186,7 +186,7 @@ def check_webhook_url(url, allow_hosts) -> None:
     """Refuse (WebhookURLError, a ValueError) a URL that is not http(s), does not resolve, or resolves to any
     non-public address, unless its host name or IP is in `allow_hosts` (INPAINT_WEBHOOK_ALLOW_HOSTS) exactly.
     Blocking (DNS): call it from a thread in async code."""
-    parsed, host, port = _parse(url)
+    _parsed, host, port = _parse(url)
     allowed_addresses(host, _resolve(host, port), allow_hosts)
 
 
@@ -217,24 +217,10 @@ def webhook_event(event: dict) -> str | None:
     return None
 
 
-def iso_time(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
-
-
-def render_job(job_id: str, fields: dict) -> dict:
-    """The job object of DESIGN §8 from the job's state hash."""
-    status = schema.JobStatus.from_hash(job_id, fields)
-    return {"id": job_id, "state": status.state, "step": status.step, "total_steps": status.total_steps,
-            "attempt": status.attempt, "created_at": status.created_at, "started_at": status.started_at,
-            "finished_at": status.finished_at, "error": status.error, "result": status.result,
-            "webhook": {"url": fields.get("webhook_url"), "events": job_filters(fields),
-                        "state": fields.get("webhook_state", PENDING),
-                        "attempts": int(fields.get("webhook_attempts") or 0)}}
-
-
 def webhook_body(kind: str, ts: float, job: dict) -> str:
     """The POST's body: the same bytes on every retry of one event (they are what the signature covers)."""
-    return json.dumps({"type": f"job.{kind}", "timestamp": iso_time(ts), "data": job}, separators=(",", ":"))
+    return json.dumps({"type": f"job.{kind}", "timestamp": render.iso_time(ts), "data": job},
+                      separators=(",", ":"))
 
 
 def job_filters(fields: dict) -> list[str]:
@@ -244,70 +230,6 @@ def job_filters(fields: dict) -> list[str]:
     except ValueError:
         events = None
     return events if isinstance(events, list) else list(DEFAULT_EVENTS)
-
-
-def delivery_key(msg_id: str) -> str:
-    return f"inpaint:webhook:{msg_id}"
-
-
-# --- Scripts (KEYS and ARGV as each one's comment says) ----------------------------------------------------------
-
-# KEYS: shared stream, delivery hash, due set, job hash. ARGV: group, entry id, msg id, due (ms), job_id, owner, url,
-# body, delivery TTL. Stores and schedules the delivery unless its record exists (a duplicate read of the entry),
-# marks the job's webhook pending, and acknowledges the entry: all at once, so an event is never both acknowledged
-# and unscheduled.
-SCHEDULE_SCRIPT = """
-if redis.call('EXISTS', KEYS[2]) == 0 then
-  redis.call('HSET', KEYS[2], 'job_id', ARGV[5], 'owner', ARGV[6], 'url', ARGV[7], 'body', ARGV[8],
-             'attempts', '0', 'state', 'pending')
-  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[9]))
-  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
-  if redis.call('EXISTS', KEYS[4]) == 1 then
-    redis.call('HINCRBY', KEYS[4], 'webhook_outstanding', 1)
-    if redis.call('HGET', KEYS[4], 'webhook_state') ~= 'failed' then
-      redis.call('HSET', KEYS[4], 'webhook_state', 'pending')
-    end
-  end
-end
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-return 1
-"""
-
-# KEYS: due set. ARGV: now (ms), lease end (ms), most to take. The deliveries due now, each moved to the lease end.
-CLAIM_DUE_SCRIPT = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
-for _, msg_id in ipairs(due) do redis.call('ZADD', KEYS[1], ARGV[2], msg_id) end
-return due
-"""
-
-# KEYS: delivery hash, due set, job hash. ARGV: msg id, lease end (ms) of the claim, outcome (pending = retry at
-# ARGV[5], delivered, failed), the delivery's attempts so far, next due (ms), last error, finished record's TTL,
-# '1' when this was an attempt (counted in the job's webhook_attempts). Nothing is written unless the claim's lease is
-# still the delivery's due time (a claim that was taken over writes nothing).
-FINISH_SCRIPT = """
-local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
-if not score or tonumber(score) ~= tonumber(ARGV[2]) then return 0 end
-local job = redis.call('EXISTS', KEYS[3]) == 1
-if job and ARGV[8] == '1' then redis.call('HINCRBY', KEYS[3], 'webhook_attempts', 1) end
-redis.call('HSET', KEYS[1], 'attempts', ARGV[4], 'last_error', ARGV[6])
-if ARGV[3] == 'pending' then
-  redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
-  return 1
-end
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('HSET', KEYS[1], 'state', ARGV[3])
-redis.call('HDEL', KEYS[1], 'body')
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[7]))
-if job then
-  local left = redis.call('HINCRBY', KEYS[3], 'webhook_outstanding', -1)
-  if ARGV[3] == 'failed' then
-    redis.call('HSET', KEYS[3], 'webhook_state', 'failed')
-  elseif left <= 0 and redis.call('HGET', KEYS[3], 'webhook_state') ~= 'failed' then
-    redis.call('HSET', KEYS[3], 'webhook_state', 'delivered')
-  end
-end
-return 1
-"""
 
 
 # --- The dispatcher ----------------------------------------------------------------------------------------------
@@ -334,14 +256,14 @@ class Dispatcher:
     docstring). Settings: `webhook_timeout_s`, `webhook_max_attempts`, `webhook_backoff_s`,
     `webhook_backoff_max_s`, `webhook_reclaim_s`, `webhook_concurrency`, `webhook_hosts`, `state_ttl_s`."""
 
-    def __init__(self, redis_client: redis.asyncio.Redis, settings, render=render_job):
+    def __init__(self, redis_client: redis.asyncio.Redis, settings):
         if not redis_client.get_connection_kwargs().get("decode_responses"):
             raise ValueError("Dispatcher: the Redis client must be created with decode_responses=True")
-        self.redis, self.settings, self.render = redis_client, settings, render
+        self.redis, self.settings = redis_client, settings
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-        self._schedule = redis_client.register_script(SCHEDULE_SCRIPT)
-        self._claim_due = redis_client.register_script(CLAIM_DUE_SCRIPT)
-        self._finish = redis_client.register_script(FINISH_SCRIPT)
+        self._schedule = redis_client.register_script(state.WEBHOOK_SCHEDULE_SCRIPT)
+        self._claim_due = redis_client.register_script(state.WEBHOOK_CLAIM_DUE_SCRIPT)
+        self._finish = redis_client.register_script(state.WEBHOOK_FINISH_SCRIPT)
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
         self._started = False
@@ -349,6 +271,7 @@ class Dispatcher:
         self._reclaim_cursor, self._next_reclaim = "0-0", 0.0
         self._in_flight: set[asyncio.Task] = set()
         self._http: httpx.AsyncClient | None = None
+        self._task: asyncio.Task | None = None   # start()'s: a reference keeps it from being collected
 
     async def run(self) -> None:
         """Read, schedule and deliver until `stop()`. Redis being down pauses the loop, never ends it."""
@@ -364,6 +287,11 @@ class Dispatcher:
                 await self._drain()
         finally:
             self._stopped.set()
+
+    def start(self) -> "Dispatcher":
+        """Run in a background task of the running event loop."""
+        self._task = asyncio.create_task(self.run(), name="inpaint-webhooks")
+        return self
 
     async def stop(self) -> None:
         """Stop reading; deliveries in flight get up to the POST timeout to end (any that does not is taken over
@@ -397,15 +325,15 @@ class Dispatcher:
             await self._create_group()
         if time.monotonic() >= self._next_reclaim:
             await self._reclaim()
-        reply = await self.redis.xreadgroup(GROUP, self.consumer, {schema.EVENTS_STREAM: ">"}, count=BATCH,
-                                            block=int(POLL_S * 1000))
+        reply = await self.redis.xreadgroup(state.WEBHOOKS_GROUP, self.consumer, {schema.EVENTS_STREAM: ">"},
+                                            count=BATCH, block=int(POLL_S * 1000))
         for _stream, entries in reply or []:
             await self._accept(entries)
         await self._start_due()
 
     async def _create_group(self) -> None:
         try:   # from the stream's end: a new group does not replay history
-            await self.redis.xgroup_create(schema.EVENTS_STREAM, GROUP, id="$", mkstream=True)
+            await self.redis.xgroup_create(schema.EVENTS_STREAM, state.WEBHOOKS_GROUP, id="$", mkstream=True)
         except redis.exceptions.ResponseError as error:
             if "BUSYGROUP" not in str(error):
                 raise
@@ -414,15 +342,15 @@ class Dispatcher:
     async def _reclaim(self) -> None:
         """Take over entries another (dead) process read but never scheduled; forget consumers long gone."""
         reclaim_ms = int(self.settings.webhook_reclaim_s * 1000)
-        reply = await self.redis.xautoclaim(schema.EVENTS_STREAM, GROUP, self.consumer, min_idle_time=reclaim_ms,
-                                            start_id=self._reclaim_cursor, count=BATCH)
+        reply = await self.redis.xautoclaim(schema.EVENTS_STREAM, state.WEBHOOKS_GROUP, self.consumer,
+                                            min_idle_time=reclaim_ms, start_id=self._reclaim_cursor, count=BATCH)
         self._reclaim_cursor, entries = reply[0], reply[1]
         if entries:
             log.info("webhook events taken over from a lost process", extra={"count": len(entries)})
             await self._accept(entries)
-        for consumer in await self.redis.xinfo_consumers(schema.EVENTS_STREAM, GROUP):
+        for consumer in await self.redis.xinfo_consumers(schema.EVENTS_STREAM, state.WEBHOOKS_GROUP):
             if consumer["pending"] == 0 and consumer["idle"] > STALE_CONSUMER_MS:
-                await self.redis.xgroup_delconsumer(schema.EVENTS_STREAM, GROUP, consumer["name"])
+                await self.redis.xgroup_delconsumer(schema.EVENTS_STREAM, state.WEBHOOKS_GROUP, consumer["name"])
         if self._reclaim_cursor == "0-0":   # a full pass is done: the next one starts after a pause
             self._next_reclaim = time.monotonic() + self.settings.webhook_reclaim_s / 2
 
@@ -442,7 +370,7 @@ class Dispatcher:
                 log.exception("webhook event skipped", extra={"entry_id": entry_id})
                 unwanted.append(entry_id)
         if unwanted:
-            await self.redis.xack(schema.EVENTS_STREAM, GROUP, *unwanted)
+            await self.redis.xack(schema.EVENTS_STREAM, state.WEBHOOKS_GROUP, *unwanted)
 
     async def _schedule_entry(self, entry_id: str, fields: dict) -> bool:
         event = schema.parse_event(fields)
@@ -454,9 +382,10 @@ class Dispatcher:
         if not job.get("webhook_url") or kind not in job_filters(job) or job.get("webhook_state") == FAILED:
             return False
         msg_id = f"msg_{job_id}_{entry_id}"
-        body = webhook_body(kind, event["ts"], self.render(job_id, job))
-        await self._schedule(keys=[schema.EVENTS_STREAM, delivery_key(msg_id), DUE_KEY, schema.job_key(job_id)],
-                             args=[GROUP, entry_id, msg_id, _now_ms(), job_id, job.get("owner", ""),
+        body = webhook_body(kind, event["ts"], render.render_job(job_id, job))
+        await self._schedule(keys=[schema.EVENTS_STREAM, state.webhook_delivery_key(msg_id), state.WEBHOOKS_DUE_KEY,
+                                   schema.job_key(job_id)],
+                             args=[state.WEBHOOKS_GROUP, entry_id, msg_id, _now_ms(), job_id, job.get("owner", ""),
                                    job["webhook_url"], body, self.settings.state_ttl_s])
         return True
 
@@ -466,7 +395,7 @@ class Dispatcher:
             return
         now_ms = _now_ms()
         lease_ms = now_ms + int(self.settings.webhook_reclaim_s * 1000)
-        for msg_id in await self._claim_due(keys=[DUE_KEY], args=[now_ms, lease_ms, free]):
+        for msg_id in await self._claim_due(keys=[state.WEBHOOKS_DUE_KEY], args=[now_ms, lease_ms, free]):
             task = asyncio.create_task(self._deliver(msg_id, lease_ms))
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
@@ -479,9 +408,9 @@ class Dispatcher:
 
     async def _deliver(self, msg_id: str, lease_ms: int) -> None:
         try:
-            record = await self.redis.hgetall(delivery_key(msg_id))
+            record = await self.redis.hgetall(state.webhook_delivery_key(msg_id))
             if record.get("state") != PENDING:   # gone (expired) or finished: only its schedule entry was left
-                await self.redis.zrem(DUE_KEY, msg_id)
+                await self.redis.zrem(state.WEBHOOKS_DUE_KEY, msg_id)
                 return
             outcome = await self._attempt(msg_id, record)
             attempts = int(record["attempts"]) + (1 if outcome.counted else 0)
@@ -489,7 +418,8 @@ class Dispatcher:
                 outcome = Attempt(FAILED, f"{outcome.detail}; gave up after {attempts} attempts")
             delay_s = retry_delay_s(attempts, self.settings.webhook_backoff_s, self.settings.webhook_backoff_max_s)
             next_due = _now_ms() + int(delay_s * 1000)
-            written = await self._finish(keys=[delivery_key(msg_id), DUE_KEY, schema.job_key(record["job_id"])],
+            written = await self._finish(keys=[state.webhook_delivery_key(msg_id), state.WEBHOOKS_DUE_KEY,
+                                               schema.job_key(record["job_id"])],
                                          args=[msg_id, lease_ms, outcome.state, attempts, next_due, outcome.detail,
                                                DONE_TTL_S, "1" if outcome.counted else "0"])
             log.info("webhook " + ("retry scheduled" if outcome.state == PENDING else outcome.state),
@@ -503,7 +433,7 @@ class Dispatcher:
         if await self.redis.hget(schema.job_key(record["job_id"]), "webhook_state") == FAILED:
             return Attempt(FAILED, "an earlier delivery of this job's webhook failed; nothing more is sent",
                            counted=False)
-        secret = await self.redis.hget(f"inpaint:apikey:{record['owner']}", "webhook_secret")
+        secret = await self.redis.hget(keys.record_key(record["owner"]), "webhook_secret")
         if not secret:
             return Attempt(FAILED, "the job's API key was revoked: no secret to sign with", counted=False)
         try:

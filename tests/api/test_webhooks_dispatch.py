@@ -2,10 +2,8 @@
 store, and a local receiver (127.0.0.1, allowed through INPAINT_WEBHOOK_ALLOW_HOSTS) that verifies each signature
 with the `standardwebhooks` package."""
 import asyncio
-import base64
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -18,13 +16,12 @@ import redis
 import redis.asyncio
 
 from api import webhooks
-from api_client import schema
+from api_client import keys, schema, state as state_keys
 from tests import devstack
 from tests.api.receiver import HOLD, WebhookReceiver
 from worker.events import JobStore
 
 ROOT = Path(__file__).resolve().parents[2]
-KEY_ID = "0123456789abcdef"
 FAST = {"INPAINT_WEBHOOK_TIMEOUT_S": "2", "INPAINT_WEBHOOK_BACKOFF_S": "0.2", "INPAINT_WEBHOOK_BACKOFF_MAX_S": "0.5",
         "INPAINT_WEBHOOK_RECLAIM_S": "3", "INPAINT_WEBHOOK_MAX_ATTEMPTS": "5",
         "INPAINT_WEBHOOK_ALLOW_HOSTS": "127.0.0.1", "INPAINT_BUCKET": "inpaint-test"}
@@ -45,15 +42,13 @@ def state(redis_server):
 
 
 @pytest.fixture
-def secret(state):
-    value = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
-    state.hset(f"inpaint:apikey:{KEY_ID}", mapping={"key_id": KEY_ID, "webhook_secret": value})
-    return value
+def api_key(state) -> keys.NewKey:
+    return keys.create_key(state, "webhook-tests", ["inpaint"])
 
 
 @pytest.fixture
-def receiver(secret):
-    server = WebhookReceiver(secret)
+def receiver(api_key):
+    server = WebhookReceiver(api_key.webhook_secret)
     yield server
     server.close()
 
@@ -65,10 +60,11 @@ def settings(**overrides):
 
 
 def submitted_job(state, url: str, events=("completed",)) -> str:
-    """A queued job with a webhook, as the API's submit writes it."""
+    """A queued job with a webhook, as the API's submit writes it, owned by the tests' only key."""
+    owner = keys.list_keys(state)[0].key_id
     job_id = uuid.uuid4().hex
     state.hset(schema.job_key(job_id), mapping={
-        **schema.queued_state_fields({"job_id": job_id}), "owner": KEY_ID, "webhook_url": url,
+        **schema.queued_state_fields({"job_id": job_id}), "owner": owner, "webhook_url": url,
         "webhook_events": json.dumps(list(events)), "webhook_state": "pending", "webhook_attempts": "0"})
     return job_id
 
@@ -96,14 +92,14 @@ def dispatching(redis_url: str, scenario, count: int = 1, **overrides):
     async def main():
         clients = [redis.asyncio.Redis.from_url(redis_url, decode_responses=True) for _ in range(count)]
         dispatchers = [webhooks.Dispatcher(client, settings(**overrides)) for client in clients]
-        tasks = [asyncio.create_task(d.run()) for d in dispatchers]
+        for dispatcher in dispatchers:
+            dispatcher.start()
         try:
             await until(lambda: all(d._group_ready for d in dispatchers), what="consumer group")
             return await scenario(dispatchers)
         finally:
             for dispatcher in dispatchers:
                 await dispatcher.stop()
-            await asyncio.gather(*tasks)
             for client in clients:
                 await client.aclose()
     return asyncio.run(main())
@@ -204,13 +200,13 @@ def test_the_address_is_checked_again_at_delivery(redis_server, state, receiver)
 
     dispatching(redis_server.url, scenario, INPAINT_WEBHOOK_ALLOW_HOSTS="")
     assert receiver.deliveries == []
-    record, = [state.hgetall(key) for key in state.keys(webhooks.delivery_key("*"))]
+    record, = [state.hgetall(key) for key in state.keys(state_keys.webhook_delivery_key("*"))]
     assert record["state"] == "failed" and "127.0.0.1 is a loopback address" in record["last_error"]
 
 
 def test_a_revoked_key_fails_the_delivery_without_a_post(redis_server, state, receiver):
     job_id = submitted_job(state, receiver.url())
-    state.delete(f"inpaint:apikey:{KEY_ID}")
+    keys.revoke_key(state, "webhook-tests")
 
     async def scenario(_):
         run_job(state, job_id)
@@ -230,7 +226,7 @@ def test_jobs_without_webhook_or_outside_the_filter_send_nothing(redis_server, s
         run_job(state, start_only)
         await until(lambda: len(receiver.deliveries) == 1, what="one delivery")
         await asyncio.sleep(1.0)
-        assert state.xpending(schema.EVENTS_STREAM, webhooks.GROUP)["pending"] == 0   # every entry acknowledged
+        assert state.xpending(schema.EVENTS_STREAM, state_keys.WEBHOOKS_GROUP)["pending"] == 0   # every entry acknowledged
 
     dispatching(redis_server.url, scenario)
     assert [d.payload["type"] for d in receiver.deliveries] == ["job.start"]
@@ -252,15 +248,15 @@ def test_several_dispatchers_deliver_each_event_once(redis_server, state, receiv
 
 def test_an_event_read_by_a_process_that_died_is_taken_over(redis_server, state, receiver):
     job_id = submitted_job(state, receiver.url())
-    state.xgroup_create(schema.EVENTS_STREAM, webhooks.GROUP, id="$", mkstream=True)
+    state.xgroup_create(schema.EVENTS_STREAM, state_keys.WEBHOOKS_GROUP, id="$", mkstream=True)
     run_job(state, job_id)
     # A process that read the entries and died before scheduling them: they stay pending in the group.
-    stolen = state.xreadgroup(webhooks.GROUP, "dead-process", {schema.EVENTS_STREAM: ">"}, count=100)
+    stolen = state.xreadgroup(state_keys.WEBHOOKS_GROUP, "dead-process", {schema.EVENTS_STREAM: ">"}, count=100)
     assert len(stolen[0][1]) == 4   # start, two progress steps, completed
 
     async def scenario(_):
         await until(lambda: job_fields(state, job_id).get("webhook_state") == "delivered", what="delivered")
-        assert state.xpending(schema.EVENTS_STREAM, webhooks.GROUP)["pending"] == 0
+        assert state.xpending(schema.EVENTS_STREAM, state_keys.WEBHOOKS_GROUP)["pending"] == 0
 
     dispatching(redis_server.url, scenario, INPAINT_WEBHOOK_RECLAIM_S=2.5)
     assert len(receiver.deliveries) == 1 and receiver.deliveries[0].payload["data"]["id"] == job_id
@@ -302,7 +298,7 @@ def test_a_dispatcher_killed_mid_delivery_loses_nothing(redis_server, state, rec
             process.kill()
         log.close()
     assert job_fields(state, job_id)["webhook_state"] == "pending"
-    (msg_id, lease_ms), = state.zrange(webhooks.DUE_KEY, 0, -1, withscores=True)   # the killed process's lease
+    (msg_id, lease_ms), = state.zrange(state_keys.WEBHOOKS_DUE_KEY, 0, -1, withscores=True)   # the killed process's lease
     assert lease_ms > time.time() * 1000
     receiver.release()
 
