@@ -65,7 +65,8 @@ USER_AGENT = "inpaint-fleet-webhooks"
 # --- Where a webhook may point ------------------------------------------------------------------------------------
 
 class WebhookURLError(ValueError):
-    """A webhook URL that is refused: malformed, not http(s), or reaching a non-public address."""
+    """A webhook URL that is refused: malformed, not http(s), or reaching a non-public address. The message names
+    the problem without the field's name (the caller prefixes `webhook: `)."""
 
 
 class UnresolvableHost(WebhookURLError):
@@ -93,19 +94,19 @@ class Target:
 
 def _parse(url) -> tuple[httpx.URL, str, int]:
     if not isinstance(url, str):
-        raise WebhookURLError(f"webhook: expected a URL string, got {type(url).__name__}")
+        raise WebhookURLError(f"expected a URL string, got {type(url).__name__}")
     if len(url) > MAX_URL_CHARS:
-        raise WebhookURLError(f"webhook: the URL is {len(url)} characters long, over the limit of {MAX_URL_CHARS}")
+        raise WebhookURLError(f"the URL is {len(url)} characters long, over the limit of {MAX_URL_CHARS}")
     try:
         parsed = httpx.URL(url)
     except (httpx.InvalidURL, ValueError, TypeError) as error:
-        raise WebhookURLError(f"webhook: not a valid URL ({error})") from None
+        raise WebhookURLError(f"not a valid URL ({error})") from None
     if parsed.scheme not in ("http", "https"):
-        raise WebhookURLError(f"webhook: scheme {parsed.scheme or '(none)'!r} is not accepted; use http or https")
+        raise WebhookURLError(f"scheme {parsed.scheme or '(none)'!r} is not accepted; use http or https")
     if not parsed.host:
-        raise WebhookURLError("webhook: the URL has no host")
+        raise WebhookURLError("the URL has no host")
     if parsed.userinfo:
-        raise WebhookURLError("webhook: user name or password in the URL are not accepted (the signature "
+        raise WebhookURLError("user name or password in the URL are not accepted (the signature "
                               "authenticates our POSTs)")
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     return parsed, parsed.raw_host.decode("ascii"), port
@@ -154,7 +155,7 @@ def allowed_addresses(host: str, addresses, allow_hosts) -> tuple[str, ...]:
     is listed in `allow_hosts` exactly. Raises WebhookURLError naming the host, the address and its range."""
     unique = tuple(dict.fromkeys(str(ipaddress.ip_address(a.split("%")[0])) for a in addresses))
     if not unique:
-        raise UnresolvableHost(f"webhook: host {host!r} has no address")
+        raise UnresolvableHost(f"host {host!r} has no address")
     allowed = _normalized_hosts(allow_hosts)
     if host.lower() in allowed or _canonical_ip(host) in allowed:
         return unique
@@ -162,7 +163,7 @@ def allowed_addresses(host: str, addresses, allow_hosts) -> tuple[str, ...]:
         kind = _refused_range(address)
         if kind and address not in allowed:
             where = f"{host} is" if _canonical_ip(host) == address else f"{host} resolves to {address},"
-            raise WebhookURLError(f"webhook: {where} a {kind} address; webhooks only go to public addresses "
+            raise WebhookURLError(f"{where} a {kind} address; webhooks only go to public addresses "
                                   "(loopback, private, link-local, multicast and reserved ranges are refused)")
     return unique
 
@@ -178,7 +179,7 @@ def _resolve(host: str, port: int) -> list[str]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as error:
-        raise UnresolvableHost(f"webhook: cannot resolve host {host!r} ({error})") from None
+        raise UnresolvableHost(f"cannot resolve host {host!r} ({error})") from None
     return [info[4][0] for info in infos]
 
 

@@ -46,7 +46,6 @@ def test_non_public_addresses_are_refused_with_their_range_named(url, words):
     with pytest.raises(webhooks.WebhookURLError) as refused:
         webhooks.check_webhook_url(url, allow_hosts=())
     message = str(refused.value)
-    assert message.startswith("webhook: ")
     for word in words:
         assert word in message
     assert isinstance(refused.value, ValueError)   # the submit turns it into a 422

@@ -308,3 +308,37 @@ def test_a_dispatcher_killed_mid_delivery_loses_nothing(redis_server, state, rec
     dispatching(redis_server.url, scenario)
     first, second = receiver.wait_for(2)
     assert first.msg_id == second.msg_id == msg_id and second.payload["data"]["id"] == job_id
+
+
+def test_the_dispatcher_outlives_a_redis_restart():
+    server = devstack.start_redis()
+
+    async def main():
+        client = redis.asyncio.Redis.from_url(server.url, decode_responses=True)
+        dispatcher = webhooks.Dispatcher(client, settings()).start()
+        try:
+            await until(lambda: dispatcher._group_ready, what="consumer group")
+            server.stop()
+            await asyncio.sleep(1.5)   # reads fail meanwhile; the dispatcher waits and tries again
+            restarted = devstack.start_redis(port=server.port)   # empty: no stream, no group
+            try:
+                fresh = redis.Redis.from_url(restarted.url, decode_responses=True)
+                await until(lambda: fresh.exists(schema.EVENTS_STREAM) and fresh.xinfo_groups(schema.EVENTS_STREAM),
+                            what="the group made again")
+                receiver = WebhookReceiver(keys.create_key(fresh, "after-restart", ["inpaint"]).webhook_secret)
+                try:
+                    job_id = submitted_job(fresh, receiver.url())
+                    run_job(fresh, job_id)
+                    await until(lambda: job_fields(fresh, job_id).get("webhook_state") == "delivered",
+                                what="delivered after the restart")
+                    assert receiver.deliveries[0].payload["data"]["id"] == job_id
+                finally:
+                    receiver.close()
+                    fresh.close()
+            finally:
+                await dispatcher.stop()
+                restarted.stop()
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
