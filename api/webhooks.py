@@ -50,7 +50,7 @@ __all__ = ["WebhookURLError", "UnresolvableHost", "Target", "check_webhook_url",
 
 log = logging.getLogger("inpaint.webhooks")
 
-EVENT_FILTERS = ("start", "progress", "completed")
+EVENT_FILTERS = ("start", "progress", "completed")   # what a job's webhook_events may list
 DEFAULT_EVENTS = ("completed",)
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
 MAX_URL_CHARS = 2048
@@ -379,15 +379,18 @@ class Dispatcher:
         if kind is None:
             return False
         job_id = event["job_id"]
-        job = await self.redis.hgetall(schema.job_key(job_id))
-        if not job.get("webhook_url") or kind not in job_filters(job) or job.get("webhook_state") == FAILED:
+        # Most events (progress of jobs without a webhook) stop at this small read; the whole hash only when sending.
+        url, events, webhook_state = await self.redis.hmget(schema.job_key(job_id), "webhook_url", "webhook_events",
+                                                            "webhook_state")
+        if not url or kind not in job_filters({"webhook_events": events}) or webhook_state == FAILED:
             return False
+        job = await self.redis.hgetall(schema.job_key(job_id))
         msg_id = f"msg_{job_id}_{entry_id}"
         body = webhook_body(kind, event["ts"], render.render_job(job_id, job))
         await self._schedule(keys=[schema.EVENTS_STREAM, state.webhook_delivery_key(msg_id), state.WEBHOOKS_DUE_KEY,
                                    schema.job_key(job_id)],
                              args=[state.WEBHOOKS_GROUP, entry_id, msg_id, _now_ms(), job_id, job.get("owner", ""),
-                                   job["webhook_url"], body, self.settings.state_ttl_s])
+                                   url, body, self.settings.state_ttl_s])
         return True
 
     async def _start_due(self) -> None:
