@@ -8,6 +8,8 @@ Public names:
 - `worker_env(broker_url, s3_endpoint_url, bucket, model, **extra) -> dict` (the INPAINT_* and AWS_* variables)
 - `start_worker(env, hostname=None, args=(), log_path=None) -> WorkerProcess` (a Popen with .hostname, .log_path,
   .log_text(), .stop()); `wait_worker_ready(broker_url, worker, timeout=60.0)`
+- `start_api(env, port=None, log_path=None, timeout=30.0) -> ApiProcess`: an `inpaint-api` process (a Popen with
+  .url, .port, .log_text(), .stop()), returned once /healthz answers
 Every process started here is stopped when its handle's .stop() runs, and at interpreter exit at the latest.
 Only servers started here are ever touched: each gets a fresh free port and its own data folder.
 """
@@ -26,7 +28,7 @@ import urllib.request
 from pathlib import Path
 
 __all__ = ["free_port", "start_redis", "start_s3", "create_bucket", "worker_env", "start_worker",
-           "wait_worker_ready", "RedisServer", "S3Server", "WorkerProcess", "FAKE_AWS"]
+           "wait_worker_ready", "start_api", "RedisServer", "S3Server", "WorkerProcess", "ApiProcess", "FAKE_AWS"]
 
 LOCALHOST = "127.0.0.1"
 # moto accepts any credentials; these only keep boto3 from searching the machine for real ones.
@@ -212,3 +214,40 @@ def wait_worker_ready(broker_url: str, worker: WorkerProcess, timeout: float = 6
                     f"worker {worker.hostname}", timeout, log=lambda: worker.log_text()[-4000:])
     finally:
         app.close()
+
+
+class ApiProcess(subprocess.Popen):
+    """An `inpaint-api` process on 127.0.0.1; its log (stdout and stderr) goes to `log_path`."""
+    url: str
+    port: int
+    log_path: Path
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        _stop_process(self, timeout)
+
+    def answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/healthz", timeout=1):
+                return True
+        except OSError:
+            return False
+
+
+def start_api(env: dict, port: int | None = None, log_path=None, timeout: float = 30.0) -> ApiProcess:
+    """Start `python -m api` (the `inpaint-api` command) with os.environ updated by `env`, on a free port."""
+    port = port or free_port()
+    if log_path is None:
+        log_path = Path(tempfile.mkdtemp(prefix="inpaint-api-")) / "api.log"
+    log_path = Path(log_path)
+    with open(log_path, "ab") as log_file:
+        process = ApiProcess([sys.executable, "-m", "api", "--host", LOCALHOST, "--port", str(port)],
+                             stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                             env={**os.environ, **env})
+    process.port, process.url, process.log_path = port, f"http://{LOCALHOST}:{port}", log_path
+    _started.append(process)
+    _wait_until(process.answers, process, f"inpaint-api on port {port}", timeout,
+                log=lambda: process.log_text()[-4000:])
+    return process
