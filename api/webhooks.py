@@ -267,6 +267,7 @@ class Dispatcher:
         self._finish = redis_client.register_script(state.WEBHOOK_FINISH_SCRIPT)
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
+        self._wake = asyncio.Event()   # a delivery was scheduled or a slot freed: look for due ones now
         self._started = False
         self._group_ready = False
         self._reclaim_cursor, self._next_reclaim = "0-0", 0.0
@@ -275,7 +276,7 @@ class Dispatcher:
         self._task: asyncio.Task | None = None   # start()'s: a reference keeps it from being collected
 
     async def run(self) -> None:
-        """Read, schedule and deliver until `stop()`. Redis being down pauses the loop, never ends it."""
+        """Read, schedule and deliver until `stop()`. Redis being down pauses the loops, never ends them."""
         self._started = True
         client = httpx.AsyncClient(follow_redirects=False, trust_env=False, timeout=self.settings.webhook_timeout_s,
                                    headers={"user-agent": USER_AGENT},
@@ -283,8 +284,9 @@ class Dispatcher:
                                    limits=httpx.Limits(max_keepalive_connections=0))
         try:
             async with client as self._http:
-                while not self._stopping.is_set():
-                    await self._cycle_safely()
+                # Two loops: the stream read blocks up to POLL_S, and must not hold back a delivery whose slot or
+                # due time has come.
+                await asyncio.gather(self._loop(self._read), self._loop(self._deliver_due))
                 await self._drain()
         finally:
             self._stopped.set()
@@ -298,22 +300,24 @@ class Dispatcher:
         """Stop reading; deliveries in flight get up to the POST timeout to end (any that does not is taken over
         by another process once its lease runs out)."""
         self._stopping.set()
+        self._wake.set()
         if self._started:
             await self._stopped.wait()
 
-    async def _cycle_safely(self) -> None:
-        try:
-            await self._cycle()
-        except redis.exceptions.ResponseError as error:
-            if "NOGROUP" not in str(error):
-                raise
-            self._group_ready = False   # the stream or the group is gone (a Redis without persistence restarted)
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
-            log.warning("webhook dispatcher: Redis unavailable; trying again", extra={"error": str(error)})
-            await self._pause(1.0)
-        except Exception:   # a bug must not end webhook delivery for this process: log it, go on
-            log.exception("webhook dispatcher cycle failed")
-            await self._pause(1.0)
+    async def _loop(self, step) -> None:
+        while not self._stopping.is_set():
+            try:
+                await step()
+            except redis.exceptions.ResponseError as error:
+                if "NOGROUP" not in str(error):
+                    raise
+                self._group_ready = False   # the stream or group is gone (a Redis without persistence restarted)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
+                log.warning("webhook dispatcher: Redis unavailable; trying again", extra={"error": str(error)})
+                await self._pause(1.0)
+            except Exception:   # a bug must not end webhook delivery for this process: log it, go on
+                log.exception("webhook dispatcher step failed")
+                await self._pause(1.0)
 
     async def _pause(self, seconds: float) -> None:
         try:
@@ -321,7 +325,8 @@ class Dispatcher:
         except asyncio.TimeoutError:
             pass
 
-    async def _cycle(self) -> None:
+    async def _read(self) -> None:
+        """Read new events (and take over those of lost processes); schedule the ones that need a POST."""
         if not self._group_ready:
             await self._create_group()
         if time.monotonic() >= self._next_reclaim:
@@ -330,7 +335,15 @@ class Dispatcher:
                                             count=BATCH, block=int(POLL_S * 1000))
         for _stream, entries in reply or []:
             await self._accept(entries)
+
+    async def _deliver_due(self) -> None:
+        """Start the due deliveries there are free slots for; then wait for a slot, a new delivery or POLL_S."""
         await self._start_due()
+        try:
+            await asyncio.wait_for(self._wake.wait(), POLL_S)
+        except asyncio.TimeoutError:
+            pass
+        self._wake.clear()
 
     async def _create_group(self) -> None:
         try:   # from the stream's end: a new group does not replay history
@@ -372,6 +385,8 @@ class Dispatcher:
                 unwanted.append(entry_id)
         if unwanted:
             await self.redis.xack(schema.EVENTS_STREAM, state.WEBHOOKS_GROUP, *unwanted)
+        if len(unwanted) < len(entries):
+            self._wake.set()
 
     async def _schedule_entry(self, entry_id: str, fields: dict) -> bool:
         event = schema.parse_event(fields)
@@ -402,7 +417,11 @@ class Dispatcher:
         for msg_id in await self._claim_due(keys=[state.WEBHOOKS_DUE_KEY], args=[now_ms, lease_ms, free]):
             task = asyncio.create_task(self._deliver(msg_id, lease_ms))
             self._in_flight.add(task)
-            task.add_done_callback(self._in_flight.discard)
+            task.add_done_callback(self._delivery_done)
+
+    def _delivery_done(self, task: asyncio.Task) -> None:
+        self._in_flight.discard(task)
+        self._wake.set()
 
     async def _drain(self) -> None:
         if self._in_flight:
