@@ -19,7 +19,7 @@ from api import errors, routes, webhooks
 from api.service import JobService
 from api.settings import ApiSettings
 
-__all__ = ["create_app", "main", "BodyLimit"]
+__all__ = ["create_app", "main", "BodyLimit", "Metrics"]
 
 log = logging.getLogger("inpaint.api")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60)
@@ -61,19 +61,29 @@ class BodyLimit:
 
 
 class Metrics:
-    """Requests by route and status, and their latency, in the app's own registry."""
+    """ASGI middleware: requests by route and status, and their latency, in the app's own registry."""
 
-    def __init__(self):
-        self.registry = CollectorRegistry()
+    def __init__(self, app, registry: CollectorRegistry):
+        self.app = app
         self.requests = Counter("inpaint_api_requests", "HTTP requests by route and status",
-                                ["method", "route", "status"], registry=self.registry)
+                                ["method", "route", "status"], registry=registry)
         self.latency = Histogram("inpaint_api_request_seconds", "time to the response's start, by route",
-                                 ["method", "route"], buckets=LATENCY_BUCKETS, registry=self.registry)
+                                 ["method", "route"], buckets=LATENCY_BUCKETS, registry=registry)
 
-    def observe(self, request: Request, status: int, seconds: float) -> None:
-        route = getattr(request.scope.get("route"), "path", "unmatched")
-        self.requests.labels(request.method, route, str(status)).inc()
-        self.latency.labels(request.method, route).observe(seconds)
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+
+        async def observed_send(message):
+            if message["type"] == "http.response.start":
+                # The router has put the matched route into the (shared) scope by now.
+                route = getattr(scope.get("route"), "path", "unmatched")
+                self.requests.labels(scope["method"], route, str(message["status"])).inc()
+                self.latency.labels(scope["method"], route).observe(time.perf_counter() - started)
+            await send(message)
+
+        await self.app(scope, receive, observed_send)
 
 
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
@@ -102,14 +112,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
 
 
 def _add_operations(app: FastAPI, settings: ApiSettings) -> None:
-    metrics = Metrics()
-
-    @app.middleware("http")
-    async def measure(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        metrics.observe(request, response.status_code, time.perf_counter() - started)
-        return response
+    registry = CollectorRegistry()
+    app.add_middleware(Metrics, registry=registry)
 
     @app.get("/healthz", tags=["operations"])
     async def healthz() -> dict:
@@ -120,15 +124,16 @@ def _add_operations(app: FastAPI, settings: ApiSettings) -> None:
     async def readyz(request: Request):
         """Redis and S3 answer (the readiness probe)."""
         checks = await request.app.state.service.ready()
-        ready = all(checks.values())
-        return JSONResponse({"status": "ready" if ready else "unavailable", **checks},
-                            status_code=200 if ready else 503,
-                            headers=None if ready else {"Retry-After": str(settings.retry_after_s)})
+        down = [name for name, up in checks.items() if not up]
+        if not down:
+            return {"status": "ready", **checks}
+        body = {**errors.error_body(errors.UNAVAILABLE, f"{' and '.join(down)} not answering"), **checks}
+        return JSONResponse(body, status_code=503, headers={"Retry-After": str(settings.retry_after_s)})
 
     @app.get("/metrics", tags=["operations"], response_class=Response)
     async def prometheus() -> Response:
         """Prometheus metrics of this process."""
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def _openapi(app: FastAPI) -> dict:

@@ -77,7 +77,8 @@ def install(app: FastAPI, retry_after_s: int) -> None:
 
     @app.exception_handler(RedisError)
     async def redis_down(request: Request, error: RedisError):
-        log.warning("redis unavailable", extra={"path": request.url.path, "error": type(error).__name__})
+        log.warning("redis unavailable: %s: %s", type(error).__name__, str(error)[:200],
+                    extra={"path": request.url.path})
         return _json_error(503, UNAVAILABLE, "the job store (Redis) does not answer; retry later",
                            unavailable_headers)
 
@@ -87,7 +88,8 @@ def install(app: FastAPI, retry_after_s: int) -> None:
         return _json_error(503, UNAVAILABLE, "the job queue does not answer; retry later", unavailable_headers)
 
     async def storage_down(request: Request, error: Exception):
-        log.warning("storage unavailable", extra={"path": request.url.path, "error": type(error).__name__})
+        log.warning("storage unavailable: %s: %s", type(error).__name__, str(error)[:200],
+                    extra={"path": request.url.path})
         return _json_error(503, UNAVAILABLE, "the object store (S3) does not answer; retry later",
                            unavailable_headers)
 

@@ -14,8 +14,6 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import redis.asyncio
-
 from api import errors
 from api.errors import ApiError
 from api.render import render_job
@@ -50,8 +48,7 @@ class JobService:
             broker_url=settings.broker_url, state_url=settings.state_url or None,
             s3_endpoint_url=settings.s3_endpoint_url or None, bucket=settings.bucket, queue=settings.queue,
             state_ttl_s=settings.state_ttl_s, events_maxlen=settings.events_maxlen, timeout_s=timeout)
-        self.redis = redis.asyncio.Redis.from_url(settings.state_redis_url, decode_responses=True,
-                                                  socket_timeout=timeout, socket_connect_timeout=timeout)
+        self.redis = self.client.redis
         self._admit = self.redis.register_script(state.ADMIT_SCRIPT)
         self._rollback = self.redis.register_script(state.ROLLBACK_SCRIPT)
         self._queue_position = self.redis.register_script(state.QUEUE_POSITION_SCRIPT)
@@ -59,7 +56,6 @@ class JobService:
 
     async def aclose(self) -> None:
         await self.client.aclose()
-        await self.redis.aclose()
 
     # --- keys -------------------------------------------------------------------------------------------------
 
@@ -94,8 +90,13 @@ class JobService:
         return Submitted(await self.job(key, job_id), created=True)
 
     def _prepare(self, request: "_JobRequest", job_id: str):
-        submission = self.client._prepare(request.image, request.mask, request.prompt,
-                                          {**request.options, "job_id": job_id})
+        try:
+            submission = self.client._prepare(request.image, request.mask, request.prompt,
+                                              {**request.options, "job_id": job_id})
+        except schema.JobError:
+            raise
+        except ValueError as error:   # the client's own input checks (not an image, a format it does not send)
+            raise _invalid(str(error)) from None
         self.settings.limits.check_job(schema.Job.from_dict(submission.job))
         return submission
 

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import redis
 import redis.asyncio
+import redis.asyncio.retry
+import redis.retry
+from redis.backoff import NoBackoff
 from celery import Celery
 from PIL import Image, UnidentifiedImageError
 
@@ -124,11 +127,16 @@ class _ClientCore:
         self._s3 = s3_client(s3_endpoint_url, timeout_s)
         self._celery = _celery_app(broker_url, timeout_s)
         self._redis = self._redis_class.from_url(state_url or broker_url, decode_responses=True,
-                                                 socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+                                                 **_redis_timeouts(self._redis_class, timeout_s))
         self._create_queued = self._redis.register_script(CREATE_QUEUED_SCRIPT)
         self._cancel = self._redis.register_script(CANCEL_SCRIPT)
         # Image and mask go up side by side: against a remote S3 each PUT is a round trip.
         self._uploader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="inpaint-upload")
+
+    @property
+    def redis(self):
+        """The connection to the state Redis (redis.Redis, or redis.asyncio.Redis for the asyncio client)."""
+        return self._redis
 
     @classmethod
     def from_env(cls, environ=None):
@@ -424,6 +432,16 @@ class _EventReader:
 def _ended(status: schema.JobStatus) -> bool:
     """No more events will come: the job is final, or its hash is gone (expired, or never existed)."""
     return status.final or status.state == schema.EXPIRED
+
+
+def _redis_timeouts(redis_class, timeout_s: float | None) -> dict:
+    """Connection options for a timeout: connect and read timeouts, and one immediate retry on a connection error
+    (a pooled connection that a restarted Redis closed fails once; the retry reconnects)."""
+    if timeout_s is None:
+        return {}
+    retry_class = redis.asyncio.retry.Retry if redis_class is redis.asyncio.Redis else redis.retry.Retry
+    return {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
+            "retry": retry_class(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))}
 
 
 def _celery_app(broker_url: str, timeout_s: float | None) -> Celery:

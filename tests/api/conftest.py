@@ -2,6 +2,8 @@
 on the tiny model (CPU) and one `inpaint-api` subprocess, shared by the tests of this folder."""
 import base64
 import io
+import re
+import secrets
 
 import httpx
 import pytest
@@ -78,4 +80,5 @@ def stack(api_redis, api_s3, tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture
 def key_name(request) -> str:
-    return request.node.name.replace("[", "-").replace("]", "")[:60]
+    """A key name unique to the test (key names are unique in Redis)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.originalname)[:40] + "-" + secrets.token_hex(3)
