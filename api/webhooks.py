@@ -261,6 +261,9 @@ class Dispatcher:
         if not redis_client.get_connection_kwargs().get("decode_responses"):
             raise ValueError("Dispatcher: the Redis client must be created with decode_responses=True")
         self.redis, self.settings = redis_client, settings
+        # A blocking read must end well within the client's socket timeout, or it would count as Redis being down.
+        socket_timeout = redis_client.get_connection_kwargs().get("socket_timeout")
+        self._block_ms = max(1, int(1000 * min(POLL_S, socket_timeout / 2 if socket_timeout else POLL_S)))
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self._schedule = redis_client.register_script(state.WEBHOOK_SCHEDULE_SCRIPT)
         self._claim_due = redis_client.register_script(state.WEBHOOK_CLAIM_DUE_SCRIPT)
@@ -332,7 +335,7 @@ class Dispatcher:
         if time.monotonic() >= self._next_reclaim:
             await self._reclaim()
         reply = await self.redis.xreadgroup(state.WEBHOOKS_GROUP, self.consumer, {schema.EVENTS_STREAM: ">"},
-                                            count=BATCH, block=int(POLL_S * 1000))
+                                            count=BATCH, block=self._block_ms)
         for _stream, entries in reply or []:
             await self._accept(entries)
 

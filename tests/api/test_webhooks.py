@@ -174,3 +174,16 @@ def test_webhook_settings_are_checked_and_listed_in_the_readme():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     variables = [f.metadata["variable"] for f in fields(ApiSettings) if f.name.startswith("webhook_")]
     assert len(variables) == 7 and all(f"`{variable}`" in readme for variable in variables)
+
+
+def test_dispatcher_needs_decoded_replies_and_reads_within_the_socket_timeout():
+    import redis.asyncio
+
+    from api.settings import ApiSettings
+
+    settings = ApiSettings.from_env({"INPAINT_BUCKET": "b"})
+    with pytest.raises(ValueError, match="decode_responses=True"):
+        webhooks.Dispatcher(redis.asyncio.Redis(), settings)
+    quick = webhooks.Dispatcher(redis.asyncio.Redis(decode_responses=True, socket_timeout=0.2), settings)
+    assert quick._block_ms == 100   # a blocking read never looks like a Redis timeout
+    assert webhooks.Dispatcher(redis.asyncio.Redis(decode_responses=True), settings)._block_ms == 500
