@@ -82,7 +82,6 @@ def webhook_delivery_key(msg_id: str) -> str:
     return f"inpaint:webhook:{msg_id}"
 
 
-
 # KEYS: shared stream, delivery hash, due set, job hash. ARGV: group, entry id, msg id, due (ms), job_id, owner, url,
 # body, delivery TTL. Stores and schedules the delivery unless its record exists (a duplicate read of the entry),
 # marks the job's webhook pending, and acknowledges the entry: all at once, so an event is never both acknowledged
