@@ -1,7 +1,8 @@
 """The FastAPI application and the `inpaint-api` command (DESIGN §8).
 
 `create_app(settings)` builds the app: the /v1 routes, /healthz, /readyz, /metrics, errors as JSON, a body-size
-limit, and a lifespan that opens and closes the Redis, S3 and broker connections. Stateless: any number of processes may serve behind a load balancer.
+limit, and a lifespan that opens and closes the Redis, S3 and broker connections. Stateless: any number of
+processes may serve behind a load balancer.
 """
 import argparse
 import logging

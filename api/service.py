@@ -49,9 +49,7 @@ class JobService:
             s3_endpoint_url=settings.s3_endpoint_url or None, bucket=settings.bucket, queue=settings.queue,
             state_ttl_s=settings.state_ttl_s, events_maxlen=settings.events_maxlen, timeout_s=timeout)
         self.redis = self.client.redis
-        self._admit = self.redis.register_script(state.ADMIT_SCRIPT)
-        self._rollback = self.redis.register_script(state.ROLLBACK_SCRIPT)
-        self._queue_position = self.redis.register_script(state.QUEUE_POSITION_SCRIPT)
+        self._scripts = state.Scripts(self.redis, settings.state_ttl_s, settings.events_maxlen)
         self._s3 = self.client._s3
 
     async def aclose(self) -> None:
@@ -103,11 +101,11 @@ class JobService:
     async def _admit_job(self, key: keys.ApiKey, job_id: str, digest: str, idempotency: str | None):
         now = time.time()
         idem_key = keys.idempotency_key(key.key_id, idempotency or "")
-        outcome, value = await self._admit(
-            keys=[keys.active_key(key.key_id), keys.rate_key(key.key_id, int(now // 60)),
-                  keys.jobs_key(key.key_id), idem_key],
-            args=[job_id, key.rate, key.max_active, "1" if idempotency else "0", digest,
-                  self.settings.idempotency_ttl_s, repr(now), self.settings.state_ttl_s, schema.job_key("")])
+        outcome, value = await self._scripts.run(
+            state.ADMIT, [keys.active_key(key.key_id), keys.rate_key(key.key_id, int(now // 60)),
+                          keys.jobs_key(key.key_id), idem_key],
+            [job_id, key.rate, key.max_active, "1" if idempotency else "0", digest,
+             self.settings.idempotency_ttl_s, repr(now), self.settings.state_ttl_s, state.job_key("")])
         if outcome == "conflict":
             raise ApiError(409, errors.CONFLICT, "Idempotency-Key was used with another body (job "
                                                  f"{value}); send a new key for a new job")
@@ -122,14 +120,14 @@ class JobService:
 
     async def _undo_admission(self, key: keys.ApiKey, job_id: str, idempotency: str | None) -> None:
         try:
-            await self._rollback(keys=[keys.active_key(key.key_id), keys.jobs_key(key.key_id),
-                                       keys.idempotency_key(key.key_id, idempotency or "")], args=[job_id])
+            await self._scripts.run(state.ROLLBACK_ADMISSION, [keys.active_key(key.key_id), keys.jobs_key(key.key_id),
+                                    keys.idempotency_key(key.key_id, idempotency or "")], [job_id])
         except Exception:   # the original failure is what the caller must learn; Redis may be the one down
             errors.log.warning("could not undo an admission", extra={"job_id": job_id})
 
     async def job_hash(self, key: keys.ApiKey, job_id: str) -> dict:
         """The job's state hash; 404 when it is unknown, expired or another key's (alike, so ids leak nothing)."""
-        values = await self.redis.hgetall(schema.job_key(job_id)) if schema.is_job_id(job_id) else {}
+        values = await self.redis.hgetall(state.job_key(job_id)) if schema.is_job_id(job_id) else {}
         if not values or values.get("owner") != key.key_id:
             raise ApiError(404, errors.NOT_FOUND, f"job {job_id[:64]}: no such job")
         return values
@@ -140,12 +138,12 @@ class JobService:
         return render_job(job_id, values, self.presign, position)
 
     async def queue_position(self, job_id: str, values: dict) -> int | None:
-        """Messages served before the job (see state.QUEUE_POSITION_SCRIPT: O(position), capped)."""
+        """Messages served before the job (see state.QUEUE_POSITION: O(position), capped)."""
         queue = values.get("queue") or self.settings.queue
         priority = json.loads(values.get("job") or "{}").get("priority", 5)
         own = max(step for step in PRIORITY_STEPS if step <= priority)
         lists = [_priority_list(queue, step) for step in PRIORITY_STEPS if step < own] + [_priority_list(queue, own)]
-        position = await self._queue_position(keys=lists, args=[job_id, self.settings.queue_scan_max])
+        position = await self._scripts.run(state.QUEUE_POSITION, lists, [job_id, self.settings.queue_scan_max])
         return None if position == -2 else max(0, position)
 
     def presign(self, uri: str) -> str:
@@ -177,7 +175,7 @@ class JobService:
                 return jobs, None
             async with self.redis.pipeline(transaction=False) as pipe:
                 for job_id, _ in page:
-                    pipe.hgetall(schema.job_key(job_id))
+                    pipe.hgetall(state.job_key(job_id))
                 hashes = await pipe.execute()
             for (job_id, score), values in zip(page, hashes):
                 high = f"({score!r}"

@@ -5,7 +5,7 @@ worker. `ApiSettings.describe()` gives the README's rows for the INPAINT_API_* a
 """
 from dataclasses import asdict, dataclass, fields
 
-from api_client import schema
+from api_client import schema, state
 from api_client.envsettings import check_fields, describe_rows, from_env, setting
 from api_client.schema import redact_url
 
@@ -71,8 +71,8 @@ class ApiSettings:
     max_images: int = setting("INPAINT_MAX_IMAGES", schema.Limits.max_images, "most images per job", low=1)
     max_prompt_chars: int = setting("INPAINT_MAX_PROMPT_CHARS", schema.Limits.max_prompt_chars, "longest prompt",
                                     low=1)
-    state_ttl_s: int = setting("INPAINT_STATE_TTL_S", schema.STATE_TTL_SECONDS, "lifetime of job state", low=60)
-    events_maxlen: int = setting("INPAINT_EVENTS_MAXLEN", schema.EVENTS_STREAM_MAXLEN, "shared stream cap", low=1)
+    state_ttl_s: int = setting("INPAINT_STATE_TTL_S", state.STATE_TTL_SECONDS, "lifetime of job state", low=60)
+    events_maxlen: int = setting("INPAINT_EVENTS_MAXLEN", state.EVENTS_STREAM_MAXLEN, "shared stream cap", low=1)
     log_level: str = setting("INPAINT_LOG_LEVEL", "INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
     def __post_init__(self):

@@ -209,11 +209,11 @@ def sign(secret: str, msg_id: str, timestamp: int, body: str) -> dict:
 
 def webhook_event(event: dict) -> str | None:
     """Which filter an event passes: a job starting to run (each attempt), a progress step, or the job's end."""
-    if event["type"] == schema.EVENT_PROGRESS:
+    if event["type"] == state.EVENT_PROGRESS:
         return "progress"
-    if event["type"] == schema.EVENT_STATE and event["state"] == schema.RUNNING:
+    if event["type"] == state.EVENT_STATE and event["state"] == schema.RUNNING:
         return "start"
-    if event["type"] == schema.EVENT_STATE and event["state"] in schema.FINAL_STATES:
+    if event["type"] == state.EVENT_STATE and event["state"] in schema.FINAL_STATES:
         return "completed"
     return None
 
@@ -265,9 +265,7 @@ class Dispatcher:
         socket_timeout = redis_client.get_connection_kwargs().get("socket_timeout")
         self._block_ms = max(1, int(1000 * min(POLL_S, socket_timeout / 2 if socket_timeout else POLL_S)))
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-        self._schedule = redis_client.register_script(state.WEBHOOK_SCHEDULE_SCRIPT)
-        self._claim_due = redis_client.register_script(state.WEBHOOK_CLAIM_DUE_SCRIPT)
-        self._finish = redis_client.register_script(state.WEBHOOK_FINISH_SCRIPT)
+        self._scripts = state.Scripts(redis_client, settings.state_ttl_s, settings.events_maxlen)
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
         self._wake = asyncio.Event()   # a delivery was scheduled or a slot freed: look for due ones now
@@ -334,7 +332,7 @@ class Dispatcher:
             await self._create_group()
         if time.monotonic() >= self._next_reclaim:
             await self._reclaim()
-        reply = await self.redis.xreadgroup(state.WEBHOOKS_GROUP, self.consumer, {schema.EVENTS_STREAM: ">"},
+        reply = await self.redis.xreadgroup(state.WEBHOOKS_GROUP, self.consumer, {state.EVENTS_STREAM: ">"},
                                             count=BATCH, block=self._block_ms)
         for _stream, entries in reply or []:
             await self._accept(entries)
@@ -350,7 +348,7 @@ class Dispatcher:
 
     async def _create_group(self) -> None:
         try:   # from the stream's end: a new group does not replay history
-            await self.redis.xgroup_create(schema.EVENTS_STREAM, state.WEBHOOKS_GROUP, id="$", mkstream=True)
+            await self.redis.xgroup_create(state.EVENTS_STREAM, state.WEBHOOKS_GROUP, id="$", mkstream=True)
         except redis.exceptions.ResponseError as error:
             if "BUSYGROUP" not in str(error):
                 raise
@@ -359,15 +357,15 @@ class Dispatcher:
     async def _reclaim(self) -> None:
         """Take over entries another (dead) process read but never scheduled; forget consumers long gone."""
         reclaim_ms = int(self.settings.webhook_reclaim_s * 1000)
-        reply = await self.redis.xautoclaim(schema.EVENTS_STREAM, state.WEBHOOKS_GROUP, self.consumer,
+        reply = await self.redis.xautoclaim(state.EVENTS_STREAM, state.WEBHOOKS_GROUP, self.consumer,
                                             min_idle_time=reclaim_ms, start_id=self._reclaim_cursor, count=BATCH)
         self._reclaim_cursor, entries = reply[0], reply[1]
         if entries:
             log.info("webhook events taken over from a lost process", extra={"count": len(entries)})
             await self._accept(entries)
-        for consumer in await self.redis.xinfo_consumers(schema.EVENTS_STREAM, state.WEBHOOKS_GROUP):
+        for consumer in await self.redis.xinfo_consumers(state.EVENTS_STREAM, state.WEBHOOKS_GROUP):
             if consumer["pending"] == 0 and consumer["idle"] > STALE_CONSUMER_MS:
-                await self.redis.xgroup_delconsumer(schema.EVENTS_STREAM, state.WEBHOOKS_GROUP, consumer["name"])
+                await self.redis.xgroup_delconsumer(state.EVENTS_STREAM, state.WEBHOOKS_GROUP, consumer["name"])
         if self._reclaim_cursor == "0-0":   # a full pass is done: the next one starts after a pause
             self._next_reclaim = time.monotonic() + self.settings.webhook_reclaim_s / 2
 
@@ -387,28 +385,29 @@ class Dispatcher:
                 log.exception("webhook event skipped", extra={"entry_id": entry_id})
                 unwanted.append(entry_id)
         if unwanted:
-            await self.redis.xack(schema.EVENTS_STREAM, state.WEBHOOKS_GROUP, *unwanted)
+            await self.redis.xack(state.EVENTS_STREAM, state.WEBHOOKS_GROUP, *unwanted)
         if len(unwanted) < len(entries):
             self._wake.set()
 
     async def _schedule_entry(self, entry_id: str, fields: dict) -> bool:
-        event = schema.parse_event(fields)
+        event = state.parse_event(fields)
         kind = webhook_event(event)
         if kind is None:
             return False
         job_id = event["job_id"]
         # Most events (progress of jobs without a webhook) stop at this small read; the whole hash only when sending.
-        url, events, webhook_state = await self.redis.hmget(schema.job_key(job_id), "webhook_url", "webhook_events",
+        url, events, webhook_state = await self.redis.hmget(state.job_key(job_id), "webhook_url", "webhook_events",
                                                             "webhook_state")
         if not url or kind not in job_filters({"webhook_events": events}) or webhook_state == FAILED:
             return False
-        job = await self.redis.hgetall(schema.job_key(job_id))
+        job = await self.redis.hgetall(state.job_key(job_id))
         msg_id = f"msg_{job_id}_{entry_id}"
         body = webhook_body(kind, event["ts"], render.render_job(job_id, job))
-        await self._schedule(keys=[schema.EVENTS_STREAM, state.webhook_delivery_key(msg_id), state.WEBHOOKS_DUE_KEY,
-                                   schema.job_key(job_id)],
-                             args=[state.WEBHOOKS_GROUP, entry_id, msg_id, _now_ms(), job_id, job.get("owner", ""),
-                                   url, body, self.settings.state_ttl_s])
+        await self._scripts.run(state.WEBHOOK_SCHEDULE,
+                                [state.EVENTS_STREAM, state.webhook_delivery_key(msg_id), state.WEBHOOKS_DUE_KEY,
+                                 state.job_key(job_id)],
+                                [state.WEBHOOKS_GROUP, entry_id, msg_id, _now_ms(), job_id, job.get("owner", ""),
+                                 url, body, self.settings.state_ttl_s])
         return True
 
     async def _start_due(self) -> None:
@@ -417,7 +416,8 @@ class Dispatcher:
             return
         now_ms = _now_ms()
         lease_ms = now_ms + int(self.settings.webhook_reclaim_s * 1000)
-        for msg_id in await self._claim_due(keys=[state.WEBHOOKS_DUE_KEY], args=[now_ms, lease_ms, free]):
+        for msg_id in await self._scripts.run(state.WEBHOOK_CLAIM_DUE, [state.WEBHOOKS_DUE_KEY],
+                                              [now_ms, lease_ms, free]):
             task = asyncio.create_task(self._deliver(msg_id, lease_ms))
             self._in_flight.add(task)
             task.add_done_callback(self._delivery_done)
@@ -444,9 +444,10 @@ class Dispatcher:
                 outcome = Attempt(FAILED, f"{outcome.detail}; gave up after {attempts} attempts")
             delay_s = retry_delay_s(attempts, self.settings.webhook_backoff_s, self.settings.webhook_backoff_max_s)
             next_due = _now_ms() + int(delay_s * 1000)
-            written = await self._finish(keys=[state.webhook_delivery_key(msg_id), state.WEBHOOKS_DUE_KEY,
-                                               schema.job_key(record["job_id"])],
-                                         args=[msg_id, lease_ms, outcome.state, attempts, next_due, outcome.detail,
+            written = await self._scripts.run(state.WEBHOOK_FINISH,
+                                              [state.webhook_delivery_key(msg_id), state.WEBHOOKS_DUE_KEY,
+                                               state.job_key(record["job_id"])],
+                                              [msg_id, lease_ms, outcome.state, attempts, next_due, outcome.detail,
                                                DONE_TTL_S, "1" if outcome.counted else "0"])
             log.info("webhook " + ("retry scheduled" if outcome.state == PENDING else outcome.state),
                      extra={"msg_id": msg_id, "job_id": record["job_id"], "attempts": attempts,
@@ -456,7 +457,7 @@ class Dispatcher:
             log.exception("webhook delivery failed unexpectedly", extra={"msg_id": msg_id})
 
     async def _attempt(self, msg_id: str, record: dict) -> Attempt:
-        if await self.redis.hget(schema.job_key(record["job_id"]), "webhook_state") == FAILED:
+        if await self.redis.hget(state.job_key(record["job_id"]), "webhook_state") == FAILED:
             return Attempt(FAILED, "an earlier delivery of this job's webhook failed; nothing more is sent",
                            counted=False)
         secret = await self.redis.hget(keys.record_key(record["owner"]), "webhook_secret")

@@ -5,12 +5,13 @@ import json
 import subprocess
 import sys
 import threading
+import time
 import uuid
 
 import pytest
 from PIL import Image
 
-from api_client import cli, schema
+from api_client import cli, schema, state
 from tests.test_client import (BUCKET, QUEUE, finish, picture, png_bytes, queued_messages, s3, services, store,
                                task_args)
 from tests import devstack
@@ -140,6 +141,14 @@ def publish_result(s3, store, job_id: str, colors) -> list[bytes]:
     return bodies
 
 
+def publish_once_queued(s3, store, job_id: str, colors) -> None:
+    """Play a worker that takes the job once the CLI has queued it (never before: that would be another job)."""
+    deadline = time.monotonic() + 20
+    while store.hget(state.job_key(job_id), "state") != schema.QUEUED and time.monotonic() < deadline:
+        time.sleep(0.02)
+    publish_result(s3, store, job_id, colors)
+
+
 def test_fetch_saves_the_images_and_refuses_unfinished_jobs(env, s3, inputs, capsys, tmp_path):
     job_id = json.loads(run_cli(capsys, *submit_args(inputs, "--json"))[1])["job_id"]
     code, out, _ = run_cli(capsys, "fetch", job_id, "--out", str(tmp_path / "out"), "--json")
@@ -154,7 +163,7 @@ def test_fetch_saves_the_images_and_refuses_unfinished_jobs(env, s3, inputs, cap
 
 def test_submit_wait_follows_the_job_and_saves_its_images(env, s3, inputs, capsys, tmp_path):
     job_id = uuid.uuid4().hex
-    worker = threading.Timer(0.3, publish_result, (s3, env, job_id, [(7, 7, 7)]))
+    worker = threading.Thread(target=publish_once_queued, args=(s3, env, job_id, [(7, 7, 7)]))
     worker.start()
     code, out, _ = run_cli(capsys, *submit_args(inputs, "--job-id", job_id, "--wait", "--timeout", "20",
                                                 "--out", str(tmp_path), "--json"))

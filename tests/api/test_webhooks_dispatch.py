@@ -60,12 +60,13 @@ def settings(**overrides):
 
 
 def submitted_job(state, url: str, events=("completed",)) -> str:
-    """A queued job with a webhook, as the API's submit writes it, owned by the tests' only key."""
-    owner = keys.list_keys(state)[0].key_id
+    """A queued job with a webhook, written as the API's submit writes it, owned by the tests' only key."""
     job_id = uuid.uuid4().hex
-    state.hset(schema.job_key(job_id), mapping={
-        **schema.queued_state_fields({"job_id": job_id}), "owner": owner, "webhook_url": url,
-        "webhook_events": json.dumps(list(events)), "webhook_state": "pending", "webhook_attempts": "0"})
+    owner = keys.list_keys(state)[0].key_id
+    fields = {"owner": owner, "webhook_url": url, "webhook_events": json.dumps(list(events)),
+              "webhook_state": "pending", "webhook_attempts": "0"}
+    state_keys.Scripts(state).run_job(state_keys.CREATE_QUEUED, job_id, json.dumps({"job_id": job_id}),
+                                      *[item for pair in fields.items() for item in pair])
     return job_id
 
 
@@ -106,7 +107,7 @@ def dispatching(redis_url: str, scenario, count: int = 1, **overrides):
 
 
 def job_fields(state, job_id: str) -> dict:
-    return state.hgetall(schema.job_key(job_id))
+    return state.hgetall(state_keys.job_key(job_id))
 
 
 def test_a_failed_first_delivery_is_retried_with_the_same_id_and_a_valid_signature(redis_server, state,
@@ -218,7 +219,7 @@ def test_a_revoked_key_fails_the_delivery_without_a_post(redis_server, state, re
 
 def test_jobs_without_webhook_or_outside_the_filter_send_nothing(redis_server, state, receiver):
     plain = uuid.uuid4().hex
-    state.hset(schema.job_key(plain), mapping=schema.queued_state_fields({"job_id": plain}))
+    state_keys.Scripts(state).run_job(state_keys.CREATE_QUEUED, plain, json.dumps({"job_id": plain}))
     start_only = submitted_job(state, receiver.url(), events=("start",))
 
     async def scenario(_):
@@ -226,7 +227,7 @@ def test_jobs_without_webhook_or_outside_the_filter_send_nothing(redis_server, s
         run_job(state, start_only)
         await until(lambda: len(receiver.deliveries) == 1, what="one delivery")
         await asyncio.sleep(1.0)
-        assert state.xpending(schema.EVENTS_STREAM, state_keys.WEBHOOKS_GROUP)["pending"] == 0   # every entry acknowledged
+        assert state.xpending(state_keys.EVENTS_STREAM, state_keys.WEBHOOKS_GROUP)["pending"] == 0   # every entry acknowledged
 
     dispatching(redis_server.url, scenario)
     assert [d.payload["type"] for d in receiver.deliveries] == ["job.start"]
@@ -248,15 +249,15 @@ def test_several_dispatchers_deliver_each_event_once(redis_server, state, receiv
 
 def test_an_event_read_by_a_process_that_died_is_taken_over(redis_server, state, receiver):
     job_id = submitted_job(state, receiver.url())
-    state.xgroup_create(schema.EVENTS_STREAM, state_keys.WEBHOOKS_GROUP, id="$", mkstream=True)
+    state.xgroup_create(state_keys.EVENTS_STREAM, state_keys.WEBHOOKS_GROUP, id="$", mkstream=True)
     run_job(state, job_id)
     # A process that read the entries and died before scheduling them: they stay pending in the group.
-    stolen = state.xreadgroup(state_keys.WEBHOOKS_GROUP, "dead-process", {schema.EVENTS_STREAM: ">"}, count=100)
+    stolen = state.xreadgroup(state_keys.WEBHOOKS_GROUP, "dead-process", {state_keys.EVENTS_STREAM: ">"}, count=100)
     assert len(stolen[0][1]) == 4   # start, two progress steps, completed
 
     async def scenario(_):
         await until(lambda: job_fields(state, job_id).get("webhook_state") == "delivered", what="delivered")
-        assert state.xpending(schema.EVENTS_STREAM, state_keys.WEBHOOKS_GROUP)["pending"] == 0
+        assert state.xpending(state_keys.EVENTS_STREAM, state_keys.WEBHOOKS_GROUP)["pending"] == 0
 
     dispatching(redis_server.url, scenario, INPAINT_WEBHOOK_RECLAIM_S=2.5)
     assert len(receiver.deliveries) == 1 and receiver.deliveries[0].payload["data"]["id"] == job_id
@@ -286,7 +287,7 @@ def test_a_dispatcher_killed_mid_delivery_loses_nothing(redis_server, state, rec
                                     "INPAINT_WEBHOOK_RECLAIM_S": "4"})
     try:
         deadline = time.monotonic() + 30
-        while not state.exists(schema.EVENTS_STREAM) or not state.xinfo_groups(schema.EVENTS_STREAM):
+        while not state.exists(state_keys.EVENTS_STREAM) or not state.xinfo_groups(state_keys.EVENTS_STREAM):
             assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "dispatcher.log").read_text()
             time.sleep(0.05)
         run_job(state, job_id)
@@ -323,7 +324,7 @@ def test_the_dispatcher_outlives_a_redis_restart():
             restarted = devstack.start_redis(port=server.port)   # empty: no stream, no group
             try:
                 fresh = redis.Redis.from_url(restarted.url, decode_responses=True)
-                await until(lambda: fresh.exists(schema.EVENTS_STREAM) and fresh.xinfo_groups(schema.EVENTS_STREAM),
+                await until(lambda: fresh.exists(state_keys.EVENTS_STREAM) and fresh.xinfo_groups(state_keys.EVENTS_STREAM),
                             what="the group made again")
                 receiver = WebhookReceiver(keys.create_key(fresh, "after-restart", ["inpaint"]).webhook_secret)
                 try:
