@@ -227,7 +227,8 @@ def test_jobs_without_webhook_or_outside_the_filter_send_nothing(redis_server, s
         run_job(state, start_only)
         await until(lambda: len(receiver.deliveries) == 1, what="one delivery")
         await asyncio.sleep(1.0)
-        assert state.xpending(state_keys.EVENTS_STREAM, state_keys.WEBHOOKS_GROUP)["pending"] == 0   # every entry acknowledged
+        # every entry acknowledged
+        assert state.xpending(state_keys.EVENTS_STREAM, state_keys.WEBHOOKS_GROUP)["pending"] == 0
 
     dispatching(redis_server.url, scenario)
     assert [d.payload["type"] for d in receiver.deliveries] == ["job.start"]
@@ -299,7 +300,8 @@ def test_a_dispatcher_killed_mid_delivery_loses_nothing(redis_server, state, rec
             process.kill()
         log.close()
     assert job_fields(state, job_id)["webhook_state"] == "pending"
-    (msg_id, lease_ms), = state.zrange(state_keys.WEBHOOKS_DUE_KEY, 0, -1, withscores=True)   # the killed process's lease
+    # the killed process's lease on the delivery
+    (msg_id, lease_ms), = state.zrange(state_keys.WEBHOOKS_DUE_KEY, 0, -1, withscores=True)
     assert lease_ms > time.time() * 1000
     receiver.release()
 
@@ -324,8 +326,8 @@ def test_the_dispatcher_outlives_a_redis_restart():
             restarted = devstack.start_redis(port=server.port)   # empty: no stream, no group
             try:
                 fresh = redis.Redis.from_url(restarted.url, decode_responses=True)
-                await until(lambda: fresh.exists(state_keys.EVENTS_STREAM) and fresh.xinfo_groups(state_keys.EVENTS_STREAM),
-                            what="the group made again")
+                stream = state_keys.EVENTS_STREAM
+                await until(lambda: fresh.exists(stream) and fresh.xinfo_groups(stream), what="the group made again")
                 receiver = WebhookReceiver(keys.create_key(fresh, "after-restart", ["inpaint"]).webhook_secret)
                 try:
                     job_id = submitted_job(fresh, receiver.url())
