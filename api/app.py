@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from api import errors, page, routes
+from api import errors, page, routes, webhooks
 from api.service import JobService
 from api.settings import ApiSettings
 
@@ -93,9 +93,11 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.service = JobService(settings)
+        dispatcher = webhooks.Dispatcher(app.state.service.redis, settings).start()
         try:
             yield
         finally:
+            await dispatcher.stop()
             await app.state.service.aclose()
 
     app = FastAPI(title="inpaint-fleet", version="1.0", lifespan=lifespan,

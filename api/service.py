@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from kombu.transport.redis import Channel
 
-from api import errors
+from api import errors, webhooks
 from api.errors import ApiError
 from api.render import render_job
 from api.settings import ApiSettings
@@ -199,7 +199,7 @@ class JobService:
 
     def presign_upload(self, key: keys.ApiKey, content_type) -> dict:
         extensions = {value: name for name, value in schema.CONTENT_TYPES.items()}
-        if content_type not in extensions:
+        if not isinstance(content_type, str) or content_type not in extensions:
             raise schema.JobError(schema.INVALID_INPUT, f"content_type: {str(content_type)[:64]!r} is not one of "
                                                         f"{', '.join(extensions)}")
         object_key = f"{upload_prefix(key)}{uuid.uuid4().hex}.{extensions[content_type]}"
@@ -296,8 +296,6 @@ def _webhook_fields(body: dict, settings: ApiSettings) -> tuple[str | None, list
         return None, events
     if not isinstance(webhook, str):
         raise _invalid("webhook: expected a URL string")
-    from api import webhooks   # i14w's module
-
     try:
         webhooks.check_webhook_url(webhook, settings.webhook_hosts)
     except ValueError as error:

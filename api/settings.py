@@ -42,6 +42,20 @@ class ApiSettings:
     max_page: int = setting("INPAINT_API_MAX_PAGE", 100, "largest `limit` of GET /v1/jobs", low=1)
     webhook_allow_hosts: str = setting("INPAINT_WEBHOOK_ALLOW_HOSTS", "", "comma-separated host names or IPs a "
                                        "webhook may reach even in private ranges (matched exactly; for tests)")
+    webhook_timeout_s: float = setting("INPAINT_WEBHOOK_TIMEOUT_S", 10.0, "a webhook POST not answered in this "
+                                       "long is retried", low=0.1)
+    webhook_max_attempts: int = setting("INPAINT_WEBHOOK_MAX_ATTEMPTS", 10, "POSTs of one event before its "
+                                        "webhook is marked failed", low=1)
+    webhook_backoff_s: float = setting("INPAINT_WEBHOOK_BACKOFF_S", 10.0, "wait before the first retry, doubled "
+                                       "after each further failure (at most 30: the first retry comes within 30 s)",
+                                       low=0.0, high=30.0)
+    webhook_backoff_max_s: float = setting("INPAINT_WEBHOOK_BACKOFF_MAX_S", 600.0, "longest wait between two "
+                                           "retries", low=0.0)
+    webhook_reclaim_s: float = setting("INPAINT_WEBHOOK_RECLAIM_S", 60.0, "a delivery (or a read event) that its "
+                                       "process has not finished in this long is taken over by another inpaint-api "
+                                       "process (must exceed INPAINT_WEBHOOK_TIMEOUT_S)", low=1.0)
+    webhook_concurrency: int = setting("INPAINT_WEBHOOK_CONCURRENCY", 16, "most webhook POSTs in flight per "
+                                       "inpaint-api process", low=1)
     # The worker's variables (DESIGN §6), read by name.
     broker_url: str = setting("INPAINT_BROKER_URL", "redis://localhost:6379/0", "Celery broker (Redis)")
     state_url: str = setting("INPAINT_STATE_URL", "", "Redis for job state (empty = the broker's)")
@@ -66,6 +80,10 @@ class ApiSettings:
         check_fields(self)
         if not self.bucket:
             raise ValueError("INPAINT_BUCKET: required by inpaint-api (inline inputs and outputs go there)")
+        if self.webhook_reclaim_s <= self.webhook_timeout_s:
+            raise ValueError(f"INPAINT_WEBHOOK_RECLAIM_S={self.webhook_reclaim_s}: must exceed "
+                             f"INPAINT_WEBHOOK_TIMEOUT_S={self.webhook_timeout_s}, or a POST still waiting for its "
+                             "answer would be sent again by another process")
 
     @classmethod
     def from_env(cls, environ=None) -> "ApiSettings":

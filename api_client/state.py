@@ -13,7 +13,9 @@ Public names:
 - Scripts: `Script`, `SCRIPTS` (every script, by name), `define_script(name, lua, job=True)`; the job scripts
   `CREATE_QUEUED`, `CANCEL` (client), `CLAIM`, `PROGRESS`, `FINISH`, `RELEASE` (worker), `EXPIRE_LEASE`, the
   plain script `RENEW_LEASE` (lease code), and the HTTP API's plain scripts `ADMIT`, `ROLLBACK_ADMISSION`,
-  `QUEUE_POSITION`.
+  `QUEUE_POSITION`, `WEBHOOK_SCHEDULE`, `WEBHOOK_CLAIM_DUE`, `WEBHOOK_FINISH`.
+- Webhooks: `WEBHOOKS_GROUP` (the dispatchers' consumer group on EVENTS_STREAM), `WEBHOOKS_DUE_KEY` (sorted set of
+  pending deliveries by due time, ms), `webhook_delivery_key(msg_id)` (one delivery's hash).
 - `Scripts(redis_client, ttl_s, events_maxlen)` runs them on one client (redis.Redis, or redis.asyncio.Redis whose
   calls return awaitables): `run_job(script, job_id, *args, extra_keys=(), now=None)`, `run(script, keys, args)`.
 
@@ -34,7 +36,8 @@ __all__ = ["job_key", "job_events_key", "cancel_key", "EVENTS_STREAM", "LEASES_K
            "EVENTS_STREAM_MAXLEN", "EVENT_STATE", "EVENT_PROGRESS", "EVENT_RETRY", "EventField", "EVENT_FIELDS",
            "parse_event", "Script", "SCRIPTS", "define_script", "job_prelude", "Scripts", "CREATE_QUEUED", "CANCEL",
            "CLAIM", "PROGRESS", "FINISH", "RELEASE", "RENEW_LEASE", "EXPIRE_LEASE", "ADMIT", "ROLLBACK_ADMISSION",
-           "QUEUE_POSITION"]
+           "QUEUE_POSITION", "WEBHOOKS_GROUP", "WEBHOOKS_DUE_KEY", "webhook_delivery_key", "WEBHOOK_SCHEDULE",
+           "WEBHOOK_CLAIM_DUE", "WEBHOOK_FINISH"]
 
 EVENTS_STREAM = "inpaint:events"
 LEASES_KEY = "inpaint:leases"
@@ -372,4 +375,71 @@ for start = 0, length - 1, chunk do
   end
 end
 return -1
+""", job=False)
+
+# --- Webhooks (api/webhooks.py): the consumer group on the shared events stream, each delivery's hash, and the
+# schedule of deliveries by due time (ms). Plain scripts. -----------------------------------------------------------
+WEBHOOKS_GROUP = "inpaint:webhooks"
+WEBHOOKS_DUE_KEY = "inpaint:webhooks:due"
+
+
+def webhook_delivery_key(msg_id: str) -> str:
+    return f"inpaint:webhook:{msg_id}"
+
+
+# KEYS: shared stream, delivery hash, due set, job hash. ARGV: group, entry id, msg id, due (ms), job_id, owner, url,
+# body, delivery TTL. Stores and schedules the delivery unless its record exists (a duplicate read of the entry),
+# marks the job's webhook pending, and acknowledges the entry: all at once, so an event is never both acknowledged
+# and unscheduled.
+WEBHOOK_SCHEDULE = define_script("webhook_schedule", """
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('HSET', KEYS[2], 'job_id', ARGV[5], 'owner', ARGV[6], 'url', ARGV[7], 'body', ARGV[8],
+             'attempts', '0', 'state', 'pending')
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[9]))
+  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
+  if redis.call('EXISTS', KEYS[4]) == 1 then
+    redis.call('HINCRBY', KEYS[4], 'webhook_outstanding', 1)
+    if redis.call('HGET', KEYS[4], 'webhook_state') ~= 'failed' then
+      redis.call('HSET', KEYS[4], 'webhook_state', 'pending')
+    end
+  end
+end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+return 1
+""", job=False)
+
+# KEYS: due set. ARGV: now (ms), lease end (ms), most to take. The deliveries due now, each moved to the lease end.
+WEBHOOK_CLAIM_DUE = define_script("webhook_claim_due", """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, msg_id in ipairs(due) do redis.call('ZADD', KEYS[1], ARGV[2], msg_id) end
+return due
+""", job=False)
+
+# KEYS: delivery hash, due set, job hash. ARGV: msg id, lease end (ms) of the claim, outcome (pending = retry at
+# ARGV[5], delivered, failed), the delivery's attempts so far, next due (ms), last error, finished record's TTL,
+# '1' when this was an attempt (counted in the job's webhook_attempts). Nothing is written unless the claim's lease is
+# still the delivery's due time (a claim that was taken over writes nothing).
+WEBHOOK_FINISH = define_script("webhook_finish", """
+local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if not score or tonumber(score) ~= tonumber(ARGV[2]) then return 0 end
+local job = redis.call('EXISTS', KEYS[3]) == 1
+if job and ARGV[8] == '1' then redis.call('HINCRBY', KEYS[3], 'webhook_attempts', 1) end
+redis.call('HSET', KEYS[1], 'attempts', ARGV[4], 'last_error', ARGV[6])
+if ARGV[3] == 'pending' then
+  redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
+  return 1
+end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HSET', KEYS[1], 'state', ARGV[3])
+redis.call('HDEL', KEYS[1], 'body')
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[7]))
+if job then
+  local left = redis.call('HINCRBY', KEYS[3], 'webhook_outstanding', -1)
+  if ARGV[3] == 'failed' then
+    redis.call('HSET', KEYS[3], 'webhook_state', 'failed')
+  elseif left <= 0 and redis.call('HGET', KEYS[3], 'webhook_state') ~= 'failed' then
+    redis.call('HSET', KEYS[3], 'webhook_state', 'delivered')
+  end
+end
+return 1
 """, job=False)

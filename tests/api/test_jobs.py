@@ -6,7 +6,7 @@ import time
 
 import httpx
 
-from api_client import schema
+from api_client import schema, state
 from tests.api.conftest import IDLE_QUEUE, JOB_TIMEOUT_S, job_body
 
 
@@ -60,16 +60,17 @@ def test_events_stream_live_with_keepalives_until_the_end(stack, key_name):
             lines = list(response.iter_lines())
         data = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
         assert data[-1]["state"] == schema.SUCCEEDED
-        assert [e["step"] for e in data if e["type"] == schema.EVENT_PROGRESS][-1] == 6
+        assert [e["step"] for e in data if e["type"] == state.EVENT_PROGRESS][-1] == 6
         assert ": keep-alive" in lines   # the worker takes well over INPAINT_API_KEEPALIVE_S (0.2 s) to start
 
 
 def test_queued_jobs_show_their_position_and_cancel(stack, key_name):
-    with stack.http(stack.new_key(key_name, queues=(IDLE_QUEUE, "inpaint"))) as client:
-        first = client.post("/v1/jobs", json=job_body(queue=IDLE_QUEUE)).json()
-        second = client.post("/v1/jobs", json=job_body(queue=IDLE_QUEUE)).json()
-        urgent = client.post("/v1/jobs", json=job_body(queue=IDLE_QUEUE, priority=0)).json()
-        assert (first["state"], first["queue"]) == (schema.QUEUED, IDLE_QUEUE)
+    queue = f"{IDLE_QUEUE}-{key_name}"   # a queue of this test's own: the positions count every message in it
+    with stack.http(stack.new_key(key_name, queues=(queue, "inpaint"))) as client:
+        first = client.post("/v1/jobs", json=job_body(queue=queue)).json()
+        second = client.post("/v1/jobs", json=job_body(queue=queue)).json()
+        urgent = client.post("/v1/jobs", json=job_body(queue=queue, priority=0)).json()
+        assert (first["state"], first["queue"]) == (schema.QUEUED, queue)
         positions = [client.get(f"/v1/jobs/{job['id']}").json()["queue_position"] for job in (first, second, urgent)]
         assert positions == [1, 2, 0]   # priority 0 is served before the two at the default priority 5
 

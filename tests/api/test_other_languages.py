@@ -4,8 +4,6 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from tests.api.conftest import JOB_TIMEOUT_S, job_body
 from tests.service.conftest import sample_image, sample_mask
 
