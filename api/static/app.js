@@ -13,6 +13,9 @@ const RECONNECT_DELAYS_MS = [500, 1000, 2000, 4000, 5000];
 const JOBS_PAGE = 12;
 const KEPT_INPUTS = 50;                       // jobs whose inputs this browser remembers (IndexedDB)
 const FINAL_STATES = new Set(["succeeded", "failed", "canceled"]);
+// A running job's phase (its events' `phase`), in words.
+const PHASE_LABELS = { fetching: "fetching inputs", encoding: "encoding", denoising: "denoising", decoding: "decoding",
+                       uploading: "uploading" };
 
 const $ = (id) => document.getElementById(id);
 
@@ -520,11 +523,17 @@ function setBusy(busy) {
 
 let current = null;   // the job being watched: {id, beforeSrc, abort, lastEventId, timing, ...}
 
+// What the page knows of a job it follows, from its job object and then its events.
+function newRun(job, beforeSrc) {
+  return { id: job.id, beforeSrc, abort: new AbortController(), lastEventId: null, state: job.state,
+           step: job.step, total: job.total_steps, phase: null, queuePosition: job.queue_position,
+           startedTs: null, clockOffset: 0, firstStep: null, lastStep: null, retryMessage: null, canceling: false,
+           reconnecting: false };
+}
+
 function watchJob(job, beforeSrc) {
   if (current) current.abort.abort();
-  current = { id: job.id, beforeSrc, abort: new AbortController(), lastEventId: null, state: job.state,
-              step: job.step || 0, total: job.total_steps || 0, phase: null, queuePosition: job.queue_position,
-              startedTs: null, clockOffset: 0, firstStep: null, lastStep: null };
+  current = newRun(job, beforeSrc);
   const run = current;
   $("results").hidden = true;
   $("progress").hidden = false;
@@ -581,7 +590,7 @@ function applyEvent(run, event) {
   run.state = event.state;
   run.step = event.step;
   run.total = event.total_steps;
-  run.phase = (event.data && event.data.phase) || null;
+  run.phase = event.phase || null;
   if (event.type === "retry") run.retryMessage = (event.data && event.data.error && event.data.error.message) || "a transient error";
   if (event.state === "running" && event.type === "state") {   // a start, or a restart after a retry
     run.startedTs = event.ts;
@@ -608,9 +617,10 @@ async function pollQueuePosition(run) {
 }
 
 function phaseOf(run) {
-  if (run.phase) return run.phase;
+  if (run.phase) return PHASE_LABELS[run.phase] || run.phase;
+  // Events from workers that do not report a phase: what the step says.
   if (run.step === 0) return "starting";
-  return run.step >= run.total ? "decoding and saving" : "denoising";
+  return run.step >= run.total ? "decoding and uploading" : "denoising";
 }
 
 function formatSeconds(seconds) {
@@ -623,13 +633,14 @@ function renderProgress(run) {
   const text = $("progress-text");
   let words;
   if (run.state === "queued") {
-    words = run.queuePosition == null ? "Queued" : `Queued: position ${run.queuePosition + 1} in the queue`;
+    const ahead = run.queuePosition;   // jobs the queue serves before this one
+    words = ahead == null ? "Queued" : `Queued: position ${ahead + 1} in the queue (${ahead} ahead)`;
     bar.removeAttribute("value");
   } else if (run.state === "running") {
     const now = Date.now() / 1000 - run.clockOffset;
     const elapsed = run.startedTs ? `, ${formatSeconds(Math.max(0, now - run.startedTs))} elapsed` : "";
     const step = run.total ? `, step ${run.step}/${run.total}` : "";
-    words = `Running: ${phaseOf(run)}${step}${elapsed}${run.total ? etaText(run) : ""}`;
+    words = `Running: ${phaseOf(run)}${step}${elapsed}${phaseOf(run) === "denoising" ? etaText(run) : ""}`;
     bar.value = run.total ? run.step / run.total : 0;
     if (run.retryMessage) words += ` (retrying after ${run.retryMessage})`;
   } else {

@@ -211,3 +211,39 @@ def test_the_event_stream_reader_handles_split_chunks_comments_and_ids(page, pag
         return events;
     }""", chunks)
     assert events == [{"id": "1-0", "data": '{"a": 1}'}, {"id": "2-0", "data": "x\ny"}]
+
+
+def test_the_progress_line_shows_queue_position_phase_steps_elapsed_time_and_eta(page, page_url):
+    # The job's events as the API streams them (times in the server's clock: the page only uses their differences).
+    page.goto(page_url)
+    lines = page.evaluate("""() => {
+        const run = newRun({id: "job", state: "queued", step: 0, total_steps: 0, queue_position: 2}, null);
+        const lines = [];
+        const show = (event) => {
+            if (event) applyEvent(run, {job_id: "job", data: {}, ...event});
+            renderProgress(run);
+            lines.push(document.getElementById("progress-text").textContent);
+        };
+        show(null);
+        show({type: "state", state: "running", step: 0, total_steps: 0, ts: 1000, phase: "fetching"});
+        show({type: "progress", state: "running", step: 0, total_steps: 10, ts: 1001, phase: "encoding"});
+        show({type: "progress", state: "running", step: 1, total_steps: 10, ts: 1002, phase: "denoising"});
+        show({type: "progress", state: "running", step: 3, total_steps: 10, ts: 1006, phase: "denoising"});
+        show({type: "retry", state: "running", step: 3, total_steps: 10, ts: 1007, phase: "denoising",
+              data: {error: {code: "storage_unavailable", message: "S3 did not answer"}}});
+        show({type: "state", state: "running", step: 0, total_steps: 0, ts: 1010, phase: "fetching"});  // attempt 2
+        show({type: "progress", state: "running", step: 10, total_steps: 10, ts: 1030, phase: "decoding"});
+        show({type: "state", state: "succeeded", step: 10, total_steps: 10, ts: 1031, phase: ""});
+        return lines;
+    }""")
+    assert lines == [
+        "Queued: position 3 in the queue (2 ahead)",
+        "Running: fetching inputs, 0.0 s elapsed",
+        "Running: encoding, step 0/10, 1.0 s elapsed",
+        "Running: denoising, step 1/10, 2.0 s elapsed, ETA ...",
+        "Running: denoising, step 3/10, 6.0 s elapsed, ETA 14.0 s",     # 2 s a step, 7 steps left
+        "Running: denoising, step 3/10, 7.0 s elapsed, ETA 14.0 s (retrying after S3 did not answer)",
+        "Running: fetching inputs, 0.0 s elapsed",                        # the retry's new attempt
+        "Running: decoding, step 10/10, 20.0 s elapsed",
+        "Done",
+    ]
