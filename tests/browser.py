@@ -27,7 +27,9 @@ def chromium_path() -> str:
     return path
 
 
-@pytest.fixture(scope="session")
+# Per module: each module that imports these fixtures gets its own copy of them, and two Playwright sessions
+# alive at once in one thread clash (the first one's event loop is running), so each module's ends with it.
+@pytest.fixture(scope="module")
 def browser():
     from playwright.sync_api import sync_playwright
 
