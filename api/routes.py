@@ -118,9 +118,10 @@ async def list_jobs(request: Request, key: Key,
 
 
 @router.get("/jobs/{job_id}", responses=ERROR_RESPONSES)
-async def get_job(request: Request, job_id: str, key: Key) -> dict:
+async def get_job(request: Request, job_id: str, authorization: Annotated[str | None, Header()] = None) -> dict:
     """The job object (queue_position while queued)."""
-    return await service(request).job(key, job_id)
+    key, values = await service(request).authenticated_job(authorization, job_id)
+    return await service(request).job(key, job_id, values)
 
 
 @router.post("/jobs/{job_id}/cancel", status_code=202, responses=ERROR_RESPONSES)

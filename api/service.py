@@ -57,15 +57,19 @@ class JobService:
     # --- keys -------------------------------------------------------------------------------------------------
 
     async def authenticate(self, authorization: str | None) -> keys.ApiKey:
-        scheme, _, key = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise ApiError(401, errors.UNAUTHORIZED, "send the API key as 'Authorization: Bearer <key>'",
-                           {"WWW-Authenticate": "Bearer"})
-        key = key.strip()
-        values = await self.redis.hgetall(keys.record_key(keys.key_id_of(key)))
-        if not keys.matches(values, key):
-            raise ApiError(401, errors.UNAUTHORIZED, "unknown or revoked API key", {"WWW-Authenticate": "Bearer"})
-        return keys.parse_record(values)
+        key = _bearer(authorization)
+        return _checked_key(await self.redis.hgetall(keys.record_key(keys.key_id_of(key))), key)
+
+    async def authenticated_job(self, authorization: str | None, job_id: str) -> tuple[keys.ApiKey, dict]:
+        """The key and its job's hash, both read in one round trip (the polling path: GET /v1/jobs/{id})."""
+        key = _bearer(authorization)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(keys.record_key(keys.key_id_of(key)))
+            if schema.is_job_id(job_id):
+                pipe.hgetall(state.job_key(job_id))
+            record, *job = await pipe.execute()
+        api_key = _checked_key(record, key)
+        return api_key, _owned(api_key, job_id, job[0] if job else {})
 
     # --- jobs -------------------------------------------------------------------------------------------------
 
@@ -125,11 +129,9 @@ class JobService:
             errors.log.warning("could not undo an admission", extra={"job_id": job_id})
 
     async def job_hash(self, key: keys.ApiKey, job_id: str) -> dict:
-        """The job's state hash; 404 when it is unknown, expired or another key's (alike, so ids leak nothing)."""
+        """The job's state hash, if `key` owns it (else 404)."""
         values = await self.redis.hgetall(state.job_key(job_id)) if schema.is_job_id(job_id) else {}
-        if not values or values.get("owner") != key.key_id:
-            raise ApiError(404, errors.NOT_FOUND, f"job {job_id[:64]}: no such job")
-        return values
+        return _owned(key, job_id, values)
 
     async def job(self, key: keys.ApiKey, job_id: str, values: dict | None = None) -> dict:
         values = values or await self.job_hash(key, job_id)
@@ -226,6 +228,27 @@ class JobService:
 
         redis_up, s3_up = await asyncio.gather(redis_ok(), asyncio.to_thread(s3_ok))
         return {"redis": redis_up, "s3": s3_up}
+
+
+def _bearer(authorization: str | None) -> str:
+    scheme, _, key = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise ApiError(401, errors.UNAUTHORIZED, "send the API key as 'Authorization: Bearer <key>'",
+                       {"WWW-Authenticate": "Bearer"})
+    return key.strip()
+
+
+def _checked_key(record: dict, key: str) -> keys.ApiKey:
+    if not keys.matches(record, key):
+        raise ApiError(401, errors.UNAUTHORIZED, "unknown or revoked API key", {"WWW-Authenticate": "Bearer"})
+    return keys.parse_record(record)
+
+
+def _owned(key: keys.ApiKey, job_id: str, values: dict) -> dict:
+    """The job's hash; 404 when it is unknown, expired or another key's (alike, so ids leak nothing)."""
+    if not values or values.get("owner") != key.key_id:
+        raise ApiError(404, errors.NOT_FOUND, f"job {job_id[:64]}: no such job")
+    return values
 
 
 def upload_prefix(key: keys.ApiKey) -> str:

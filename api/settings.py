@@ -3,11 +3,10 @@
 The Redis, S3, queue and limit variables are the worker's (DESIGN §6), read by name here: the API never imports the
 worker. `ApiSettings.describe()` gives the README's rows for the INPAINT_API_* and INPAINT_WEBHOOK_* variables.
 """
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 from api_client import schema, state
-from api_client.envsettings import check_fields, describe_rows, from_env, setting
-from api_client.schema import redact_url
+from api_client.envsettings import FleetSettings, check_fields, describe_rows, from_env, setting
 
 __all__ = ["ApiSettings"]
 
@@ -20,8 +19,8 @@ SHARED_VARIABLES = frozenset({
     "INPAINT_EVENTS_MAXLEN", "INPAINT_LOG_LEVEL"})
 
 
-@dataclass(frozen=True)
-class ApiSettings:
+@dataclass(frozen=True, repr=False)
+class ApiSettings(FleetSettings):
     host: str = setting("INPAINT_API_HOST", "127.0.0.1", "address inpaint-api listens on (--host)")
     port: int = setting("INPAINT_API_PORT", 8000, "port inpaint-api listens on (--port)", low=1, high=65535)
     max_body_bytes: int = setting("INPAINT_API_MAX_BODY_BYTES", 48 * 1024 * 1024, "largest request body; larger "
@@ -76,8 +75,7 @@ class ApiSettings:
     log_level: str = setting("INPAINT_LOG_LEVEL", "INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
     def __post_init__(self):
-        object.__setattr__(self, "log_level", self.log_level.upper())
-        check_fields(self)
+        check_fields(self, lambda item, value: value.upper())   # the one field with choices: log_level
         if not self.bucket:
             raise ValueError("INPAINT_BUCKET: required by inpaint-api (inline inputs and outputs go there)")
         if self.webhook_reclaim_s <= self.webhook_timeout_s:
@@ -95,29 +93,6 @@ class ApiSettings:
         own = [f for f in fields(cls) if f.metadata["variable"] not in SHARED_VARIABLES]
         rows = describe_rows(cls)
         return "\n".join(row for row, item in zip(rows, fields(cls)) if item in own)
-
-    def redacted(self) -> dict:
-        values = asdict(self)
-        for name in ("broker_url", "state_url", "s3_endpoint_url"):
-            values[name] = redact_url(values[name])
-        return values
-
-    def __repr__(self) -> str:
-        return f"ApiSettings({self.redacted()})"
-
-    @property
-    def state_redis_url(self) -> str:
-        return self.state_url or self.broker_url
-
-    @property
-    def bucket_allowlist(self) -> frozenset:
-        listed = {name.strip() for name in self.allowed_buckets.split(",") if name.strip()}
-        return frozenset(listed or {self.bucket})
-
-    @property
-    def limits(self) -> schema.Limits:
-        return schema.Limits(max_pixels=self.max_pixels, max_steps=self.max_steps, max_images=self.max_images,
-                             max_prompt_chars=self.max_prompt_chars)
 
     @property
     def webhook_hosts(self) -> frozenset:

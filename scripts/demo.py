@@ -1,11 +1,13 @@
 """`make demo`: the whole service on this machine, one job through it, the result under out/.
 
 Starts redis-server and a moto S3 server (unless INPAINT_BROKER_URL / INPAINT_S3_ENDPOINT_URL name running ones),
-writes the tiny random model (unless INPAINT_MODEL names one), starts one worker, submits examples/image.png and
-examples/mask.png through InpaintClient, shows the job's progress and saves the image under out/. Everything it
-started is stopped at the end, also on failure, Ctrl-C or SIGTERM.
+writes the tiny random model (unless INPAINT_MODEL names one), starts one worker and the HTTP API (`inpaint-api`),
+creates an API key, submits examples/image.png and examples/mask.png over HTTP (the Python client's HTTP mode),
+follows the job's server-sent events and saves the image under out/. Everything it started is stopped at the end,
+also on failure, Ctrl-C or SIGTERM; the demo's key is revoked.
 """
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -17,9 +19,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as `python scripts/demo.py` from a checkout
 
-from api_client import schema  # noqa: E402
+import redis  # noqa: E402
+
+from api_client import keys, schema  # noqa: E402
 from api_client.cli import ProgressDisplay  # noqa: E402
-from api_client.client import InpaintClient  # noqa: E402
+from api_client.http import HttpInpaintClient  # noqa: E402
 from tests import devstack  # noqa: E402
 
 DEMO_BUCKET = "inpaint-demo"
@@ -43,10 +47,14 @@ def main() -> int:
         broker_url = os.environ.get("INPAINT_BROKER_URL") or stack.enter_context(devstack.start_redis()).url
         s3_url, bucket, aws = _storage(stack)
         model = os.environ.get("INPAINT_MODEL") or _finish_tiny_model(tiny_writer, scratch / "model")
-        worker = _start_worker(stack, broker_url, s3_url, bucket, model, aws, scratch / "worker.log")
-        print(f"services up in {time.monotonic() - started:.1f}s (worker log: {worker.log_path})", flush=True)
-        client = stack.enter_context(InpaintClient(broker_url=broker_url, s3_endpoint_url=s3_url, bucket=bucket,
-                                                   queue=os.environ.get("INPAINT_QUEUE") or "inpaint"))
+        env = _service_env(broker_url, s3_url, bucket, model, aws)
+        worker = _start_worker(stack, env, broker_url, scratch / "worker.log")
+        api = devstack.start_api({**env, "INPAINT_LOG_LEVEL": "WARNING"}, log_path=scratch / "api.log")
+        stack.callback(api.stop)
+        key = _demo_key(stack, broker_url, env.get("INPAINT_QUEUE") or "inpaint")
+        print(f"services up in {time.monotonic() - started:.1f}s; HTTP API at {api.url} (docs: {api.url}/docs; "
+              f"worker log: {worker.log_path})", flush=True)
+        client = stack.enter_context(HttpInpaintClient(api.url, key))
         job = TINY_JOB if tiny_writer else REAL_JOB
         return _run_job(client, job, worker, started)
 
@@ -79,10 +87,26 @@ def _storage(stack: ExitStack) -> tuple[str | None, str, dict]:
     return server.endpoint_url, DEMO_BUCKET, server.env
 
 
-def _start_worker(stack, broker_url, s3_url, bucket, model, aws: dict, log_path: Path):
+def _service_env(broker_url, s3_url, bucket, model, aws: dict) -> dict:
+    """The worker's and the API's variables."""
     env = {**devstack.worker_env(broker_url, s3_url or "", bucket, model), **aws}
     for name in devstack.FAKE_AWS.keys() - aws.keys():
-        env.pop(name)  # a real S3: the worker uses the caller's own credentials
+        env.pop(name)  # a real S3: the worker and the API use the caller's own credentials
+    if os.environ.get("INPAINT_QUEUE"):
+        env["INPAINT_QUEUE"] = os.environ["INPAINT_QUEUE"]
+    return env
+
+
+def _demo_key(stack: ExitStack, broker_url: str, queue: str) -> str:
+    """A key for this run, as `inpaint keys create` makes them; revoked at the end."""
+    connection = stack.enter_context(redis.Redis.from_url(broker_url, decode_responses=True))
+    name = f"demo-{secrets.token_hex(4)}"
+    key = keys.create_key(connection, name, [queue]).key
+    stack.callback(keys.revoke_key, connection, name)
+    return key
+
+
+def _start_worker(stack, env: dict, broker_url: str, log_path: Path):
     print("starting a worker (loads the model) ...", flush=True)
     worker = devstack.start_worker(env, log_path=log_path)
     stack.callback(worker.stop)
@@ -90,10 +114,10 @@ def _start_worker(stack, broker_url, s3_url, bucket, model, aws: dict, log_path:
     return worker
 
 
-def _run_job(client: InpaintClient, job: dict, worker, started: float) -> int:
+def _run_job(client: HttpInpaintClient, job: dict, worker, started: float) -> int:
     image, mask = ROOT / "examples" / "image.png", ROOT / "examples" / "mask.png"
     job_id = client.submit(image, mask, PROMPT, **job)
-    print(f"submitted job {job_id}: {PROMPT!r}", flush=True)
+    print(f"submitted job {job_id} over HTTP: {PROMPT!r}", flush=True)
     try:
         _show_progress(client, job_id)
     except BaseException:
@@ -112,7 +136,7 @@ def _run_job(client: InpaintClient, job: dict, worker, started: float) -> int:
     return 0
 
 
-def _show_progress(client: InpaintClient, job_id: str) -> None:
+def _show_progress(client: HttpInpaintClient, job_id: str) -> None:
     display = ProgressDisplay(sys.stdout)
     for event in client.events(job_id, timeout=JOB_TIMEOUT_S):
         display.update(event["step"], event["total_steps"], event["state"])

@@ -4,11 +4,11 @@
 `Settings.describe()` lists each variable with its default and meaning (the README's table);
 `settings.redacted()` is a printable dict without credentials.
 """
-import math
-import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 
 from api_client import schema, state
+from api_client.envsettings import FleetSettings, check_fields, describe_rows, from_env
+from api_client.envsettings import setting as _setting
 from api_client.schema import redact_url  # re-exported: others import it from here
 from worker.inference.names import DTYPES, GRAPH_MODES, KERNEL_MODES, dtype_key
 
@@ -17,13 +17,8 @@ __all__ = ["Settings", "redact_url"]
 MAX_PRESIGN_EXPIRY_S = 7 * 24 * 3600  # S3's ceiling for SigV4 presigned URLs
 
 
-def _setting(variable: str, default, meaning: str, low=None, high=None, choices=None):
-    return field(default=default, metadata={"variable": variable, "meaning": meaning, "low": low, "high": high,
-                                            "choices": choices})
-
-
-@dataclass(frozen=True)
-class Settings:
+@dataclass(frozen=True, repr=False)
+class Settings(FleetSettings):
     broker_url: str = _setting("INPAINT_BROKER_URL", "redis://localhost:6379/0",
                                "Celery broker (Redis); also holds job state and events unless INPAINT_STATE_URL")
     state_url: str = _setting("INPAINT_STATE_URL", "", "Redis for job state hashes and event streams "
@@ -92,11 +87,7 @@ class Settings:
                               choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
     def __post_init__(self):
-        for item in fields(self):
-            _check(item, getattr(self, item.name))
-            if item.metadata["choices"] is not None:
-                # Stored as checked: the consumers (DenoiseRunner, logging) compare with the exact spelling.
-                object.__setattr__(self, item.name, _normalized(item, getattr(self, item.name)))
+        check_fields(self, _normalized)
         if self.time_limit_s <= self.soft_time_limit_s:
             raise ValueError(f"INPAINT_TIME_LIMIT_S={self.time_limit_s}: must exceed INPAINT_SOFT_TIME_LIMIT_S="
                              f"{self.soft_time_limit_s}, so the job can report its timeout before it is killed")
@@ -110,47 +101,15 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ=None) -> "Settings":
-        env = os.environ if environ is None else environ
-        values = {}
-        for item in fields(cls):
-            raw = env.get(item.metadata["variable"])
-            if raw is not None and raw.strip() != "":
-                values[item.name] = _parse(item, raw.strip())
-        return cls(**values)
+        return from_env(cls, environ)
 
     @classmethod
     def describe(cls) -> str:
         """One Markdown table row per variable: name, default, meaning; then boto3's own variables."""
-        rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
-        for item in fields(cls):
-            default = item.default if item.default != "" else "(empty)"
-            rows.append(f"| `{item.metadata['variable']}` | `{default}` | {item.metadata['meaning']} |")
+        rows = ["| variable | default | meaning |", "| --- | --- | --- |", *describe_rows(cls)]
         for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
             rows.append(f"| `{variable}` | (boto3's) | S3 credentials and region, read by boto3 itself |")
         return "\n".join(rows)
-
-    def redacted(self) -> dict:
-        values = asdict(self)
-        for name in ("broker_url", "state_url", "s3_endpoint_url"):
-            values[name] = redact_url(values[name])
-        return values
-
-    def __repr__(self) -> str:
-        return f"Settings({self.redacted()})"
-
-    @property
-    def state_redis_url(self) -> str:
-        return self.state_url or self.broker_url
-
-    @property
-    def bucket_allowlist(self) -> frozenset:
-        listed = {name.strip() for name in self.allowed_buckets.split(",") if name.strip()}
-        return frozenset(listed or ({self.bucket} if self.bucket else set()))
-
-    @property
-    def limits(self) -> schema.Limits:
-        return schema.Limits(max_pixels=self.max_pixels, max_steps=self.max_steps, max_images=self.max_images,
-                             max_prompt_chars=self.max_prompt_chars)
 
     @property
     def warmup_shapes(self) -> list[dict]:
@@ -162,33 +121,6 @@ class Settings:
         # A Redis message unacknowledged this long is delivered again: it must outlast the longest run (the hard
         # limit) plus the longest retry countdown, or a healthy job would run twice.
         return int(self.time_limit_s + self.retry_backoff_max_s + 60)
-
-
-def _parse(item, raw: str):
-    variable, kind = item.metadata["variable"], type(item.default)
-    if kind is bool:
-        lowered = raw.lower()
-        if lowered not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            raise ValueError(f"{variable}={raw!r}: expected true/false (1/0, yes/no, on/off)")
-        return lowered in ("1", "true", "yes", "on")
-    if kind in (int, float):
-        try:
-            return kind(raw)
-        except ValueError:
-            raise ValueError(f"{variable}={raw!r}: expected {'an integer' if kind is int else 'a number'}") from None
-    return raw
-
-
-def _check(item, value) -> None:
-    meta, variable = item.metadata, item.metadata["variable"]
-    if meta["choices"] is not None:
-        if _normalized(item, value) not in meta["choices"]:
-            raise ValueError(f"{variable}={value!r}: expected one of {', '.join(c for c in meta['choices'] if c)}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{variable}={value!r}: expected a finite number")
-    low, high = meta["low"], meta["high"]
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(f"{variable}={value}: outside [{low}, {'inf' if high is None else high}]")
 
 
 def _normalized(item, value: str) -> str:

@@ -11,7 +11,8 @@ import redis
 
 from api_client import keys
 from tests import devstack
-from tests.service.conftest import WORKER_ENV, sample_image, sample_mask
+# The private redis-server and moto S3 server of the service tests' fixtures (one of each for this folder).
+from tests.service.conftest import WORKER_ENV, redis_server, s3_server, sample_image, sample_mask  # noqa: F401
 
 BUCKET = "api-test"
 EXTERNAL_BUCKET = "api-external"   # a bucket of the users' own, allowed as an input source
@@ -36,8 +37,8 @@ def job_body(**fields) -> dict:
 
 
 class Stack:
-    def __init__(self, redis_server, s3_server, api, env):
-        self.redis_url, self.s3_endpoint_url, self.api, self.env = redis_server.url, s3_server.endpoint_url, api, env
+    def __init__(self, redis_url: str, s3_endpoint_url: str, api, env):
+        self.redis_url, self.s3_endpoint_url, self.api, self.env = redis_url, s3_endpoint_url, api, env
         self.url = api.url
         self.redis = redis.Redis.from_url(self.redis_url, decode_responses=True)
 
@@ -50,29 +51,17 @@ class Stack:
 
 
 @pytest.fixture(scope="session")
-def api_redis():
-    with devstack.start_redis() as server:
-        yield server
-
-
-@pytest.fixture(scope="session")
-def api_s3():
-    with devstack.start_s3() as server:
-        for bucket in (BUCKET, EXTERNAL_BUCKET):
-            devstack.create_bucket(server.endpoint_url, bucket)
-        yield server
-
-
-@pytest.fixture(scope="session")
-def stack(api_redis, api_s3, tiny_model_dir, tmp_path_factory):
+def stack(redis_server, s3_server, tiny_model_dir, tmp_path_factory):  # noqa: F811 (the imported fixtures)
+    for bucket in (BUCKET, EXTERNAL_BUCKET):
+        devstack.create_bucket(s3_server.endpoint_url, bucket)
     logs = tmp_path_factory.mktemp("api-logs")
-    env = devstack.worker_env(api_redis.url, api_s3.endpoint_url, BUCKET, tiny_model_dir, **WORKER_ENV)
+    env = devstack.worker_env(redis_server.url, s3_server.endpoint_url, BUCKET, tiny_model_dir, **WORKER_ENV)
     worker = devstack.start_worker(env, args=["--without-mingle", "--without-gossip"], log_path=logs / "worker.log")
     api_env = {**env, **API_ENV}
     api = devstack.start_api(api_env, log_path=logs / "api.log")
     try:
-        devstack.wait_worker_ready(api_redis.url, worker, timeout=180)
-        yield Stack(api_redis, api_s3, api, api_env)
+        devstack.wait_worker_ready(redis_server.url, worker, timeout=180)
+        yield Stack(redis_server.url, s3_server.endpoint_url, api, api_env)
     finally:
         api.stop()
         worker.stop()
