@@ -1,11 +1,14 @@
-"""`make demo`: the whole service on this machine, one job through it, the result under out/.
+"""`make demo`: the whole service on this machine, one job through it, the result under out/, then the web page.
 
 Starts redis-server and a moto S3 server (unless INPAINT_BROKER_URL / INPAINT_S3_ENDPOINT_URL name running ones),
 writes the tiny random model (unless INPAINT_MODEL names one), starts one worker and the HTTP API (`inpaint-api`),
 creates an API key, submits examples/image.png and examples/mask.png over HTTP (the Python client's HTTP mode),
-follows the job's server-sent events and saves the image under out/. Everything it started is stopped at the end,
-also on failure, Ctrl-C or SIGTERM; the demo's key is revoked.
+follows the job's server-sent events and saves the image under out/. It prints the web page's URL and the key as
+soon as the API is up, and after the job keeps everything running for the page until Ctrl-C (`--once`: it ends
+after the job). Everything it started is stopped at the end, also on failure, Ctrl-C or SIGTERM; the demo's key is
+revoked.
 """
+import argparse
 import os
 import secrets
 import signal
@@ -29,16 +32,20 @@ from tests import devstack  # noqa: E402
 DEMO_BUCKET = "inpaint-demo"
 PROMPT = "a red brick cottage with a blue door, warm afternoon light"
 REAL_JOB = {"num_inference_steps": 30, "scheduler": "dpmpp_2m_karras", "seed": 42, "mask_blur": 4}
-# The tiny model's VAE downsamples only 2x, so its attention at 512x512 would cover 256x256 latents: it paints
-# random pixels anyway, so the demo keeps it small and quick.
+# The tiny model paints random pixels anyway, so the demo keeps its own job small and quick. It is written with
+# SD's 8x VAE downsampling, so the images people send from the web page (512x512 and up) stay quick too.
 TINY_JOB = {**REAL_JOB, "num_inference_steps": 6, "width": 64, "height": 64, "mask_blur": 1}
 WORKER_READY_TIMEOUT_S = 300
 JOB_TIMEOUT_S = 600
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--once", action="store_true", help="end after the job instead of serving the web page")
+    args = parser.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so the services below are stopped either way.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # Ctrl-C also when started where SIGINT is ignored
     started = time.monotonic()
     with ExitStack() as stack:
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="inpaint-demo-")))
@@ -53,15 +60,18 @@ def main() -> int:
         stack.callback(api.stop)
         key = _demo_key(stack, broker_url, env.get("INPAINT_QUEUE") or "inpaint")
         print(f"services up in {time.monotonic() - started:.1f}s; HTTP API at {api.url} (docs: {api.url}/docs; "
-              f"worker log: {worker.log_path})", flush=True)
+              f"worker log: {worker.log_path})\n{_page_lines(api.url, key)}", flush=True)
         client = stack.enter_context(HttpInpaintClient(api.url, key))
         job = TINY_JOB if tiny_writer else REAL_JOB
-        return _run_job(client, job, worker, started)
+        outcome = _run_job(client, job, worker, started)
+        if outcome == 0 and not args.once:
+            _serve_page(api.url, key)
+        return outcome
 
 
 def _start_tiny_model(stack: ExitStack, folder: Path) -> subprocess.Popen:
-    writer = subprocess.Popen([sys.executable, "-m", "worker.inference.model.tiny", str(folder)], cwd=ROOT,
-                              stdout=subprocess.DEVNULL)
+    writer = subprocess.Popen([sys.executable, "-m", "worker.inference.model.tiny", str(folder), "--vae-scale", "8"],
+                              cwd=ROOT, stdout=subprocess.DEVNULL)
     stack.callback(_stop, writer)
     return writer
 
@@ -141,6 +151,16 @@ def _show_progress(client: HttpInpaintClient, job_id: str) -> None:
     for event in client.events(job_id, timeout=JOB_TIMEOUT_S):
         display.update(event["step"], event["total_steps"], event["state"])
     display.close()
+
+
+def _page_lines(url: str, key: str) -> str:
+    return f"web page: {url}/\nAPI key:  {key}   (type it into the page's \"API key\" field)"
+
+
+def _serve_page(url: str, key: str) -> None:
+    print(f"\nthe services keep running for the web page:\n{_page_lines(url, key)}\nCtrl-C stops everything",
+          flush=True)
+    signal.pause()   # until Ctrl-C (KeyboardInterrupt) or SIGTERM (SystemExit): both unwind the services
 
 
 def _stop(process: subprocess.Popen) -> None:
