@@ -33,6 +33,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.pipeline_cpu
 	$(PY) -m benchmarks.queue
+	$(PY) -m benchmarks.api
 
 # The packages scripts/gpu_check.sh needs that the GPU machine's image lacks, as wheels for its Python (3.12):
 # only the diffusers oracle, at the version the tests here use.

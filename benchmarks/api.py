@@ -141,9 +141,9 @@ def main(argv=None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 50], help="concurrent clients")
     parser.add_argument("--out", type=Path, default=RESULTS / f"{date.today()}-cpu-api.md")
     args = parser.parse_args(argv)
+    header = "| what | clients | requests/s | p50 (ms) | p99 (ms) | server CPU ms/request |"
     report = Report(args.out, f"# {date.today()}, benchmarks/api.py, loopback, one uvicorn process", "",
-                    machine() + ".", "", "| what | clients | requests/s | p50 (ms) | p99 (ms) | server CPU ms/request |",
-                    "|---|---|---|---|---|---|")
+                    machine() + ".", "", header, "|---|---|---|---|---|---|")
     with ExitStack() as stack:
         redis_server = stack.enter_context(devstack.start_redis())
         s3_server = stack.enter_context(devstack.start_s3())

@@ -89,7 +89,7 @@ def test_gpu_scripts_refuse_to_run_without_cuda(module):
     assert result.returncode != 0 and "needs a CUDA GPU" in result.stderr
 
 
-@pytest.mark.parametrize("module", ["benchmarks.pipeline_cpu", "benchmarks.queue"])
+@pytest.mark.parametrize("module", ["benchmarks.pipeline_cpu", "benchmarks.queue", "benchmarks.api"])
 def test_cpu_scripts_import(module):
     assert callable(importlib.import_module(module).main)
 
