@@ -21,7 +21,7 @@ test: $(STAMP) browser
 
 # The page tests drive Debian's chromium through Playwright (never `playwright install`); installed with apt when
 # missing, as root or through sudo. Without a browser the page tests fail, they never skip.
-CHROMIUM ?= chromium
+CHROMIUM ?= $(or $(INPAINT_CHROMIUM),chromium)
 browser:
 	@command -v $(CHROMIUM) >/dev/null || { \
 		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
