@@ -17,9 +17,9 @@ from pathlib import Path
 import redis
 import redis.asyncio
 from celery import Celery
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from api_client import schema
+from api_client import inputs, schema
 from api_client.s3 import s3_client
 from api_client.schema import redact_url
 
@@ -27,7 +27,6 @@ __all__ = ["InpaintClient", "AsyncInpaintClient", "ClientConfig", "EnqueueError"
 
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 DEFAULT_QUEUE = "inpaint"
-INPUT_FORMATS = schema.INPUT_FORMATS
 # How long one blocking stream read waits before the client re-reads the job's hash (a job whose stream expired
 # or was trimmed still ends the iteration).
 EVENT_BLOCK_MS = 1000
@@ -80,6 +79,7 @@ class ClientConfig:
     queue: str = DEFAULT_QUEUE
     state_ttl_s: int = schema.STATE_TTL_SECONDS
     events_maxlen: int = schema.EVENTS_STREAM_MAXLEN
+    limits: schema.Limits = schema.Limits()   # the workers' limits, checked before anything is sent
 
     @classmethod
     def from_env(cls, environ=None) -> "ClientConfig":
@@ -91,7 +91,8 @@ class ClientConfig:
                    bucket=env.get("INPAINT_BUCKET") or None,
                    queue=env.get("INPAINT_QUEUE") or DEFAULT_QUEUE,
                    state_ttl_s=_int_variable(env, "INPAINT_STATE_TTL_S", schema.STATE_TTL_SECONDS),
-                   events_maxlen=_int_variable(env, "INPAINT_EVENTS_MAXLEN", schema.EVENTS_STREAM_MAXLEN))
+                   events_maxlen=_int_variable(env, "INPAINT_EVENTS_MAXLEN", schema.EVENTS_STREAM_MAXLEN),
+                   limits=_limits_from_env(env))
 
 
 @dataclass(frozen=True)
@@ -115,9 +116,10 @@ class _ClientCore:
 
     def __init__(self, broker_url: str = DEFAULT_BROKER_URL, state_url: str | None = None,
                  s3_endpoint_url: str | None = None, bucket: str | None = None, queue: str = DEFAULT_QUEUE,
-                 state_ttl_s: int = schema.STATE_TTL_SECONDS, events_maxlen: int = schema.EVENTS_STREAM_MAXLEN):
+                 state_ttl_s: int = schema.STATE_TTL_SECONDS, events_maxlen: int = schema.EVENTS_STREAM_MAXLEN,
+                 limits: schema.Limits = schema.Limits()):
         self.config = ClientConfig(broker_url, state_url, s3_endpoint_url, bucket, queue, state_ttl_s,
-                                   events_maxlen)
+                                   events_maxlen, limits)
         self._s3 = s3_client(s3_endpoint_url)
         self._celery = _celery_app(broker_url)
         self._redis = self._redis_class.from_url(state_url or broker_url, decode_responses=True)
@@ -133,7 +135,8 @@ class _ClientCore:
         return cls(**{f.name: getattr(config, f.name) for f in fields(config)})
 
     def _prepare(self, image, mask, prompt: str, options: dict) -> _Submission:
-        """The validated job and the input files to upload; raises ValueError before anything is sent."""
+        """The validated job and the input files to upload; raises JobError (a ValueError) before anything is sent:
+        unreadable or mismatched inputs, anything over the workers' limits, a bad field."""
         options = dict(options)
         job_id = options.pop("job_id", None) or uuid.uuid4().hex
         if "output" in options:  # the client picks the destination: its bucket, under jobs/<job_id>/
@@ -141,12 +144,11 @@ class _ClientCore:
         output_format = options.pop("output_format", "png")
         bucket = self._require_bucket()
         uploads, uris = [], {}
-        for name, value in (("image", image), ("mask", mask)):
-            if isinstance(value, str) and value.startswith("s3://"):
+        for name, value in inputs.check_submission(image, mask, prompt, options, self.config.limits).items():
+            if isinstance(value, str):   # an s3:// URI, sent as it is
                 uris[name] = value
                 continue
-            body, extension = _encoded_image(name, value)
-            uploads.append(_Upload(f"inputs/{job_id}/{name}.{extension}", body, schema.CONTENT_TYPES[extension]))
+            uploads.append(_Upload(f"inputs/{job_id}/{name}.{value.extension}", value.body, value.content_type))
             uris[name] = f"s3://{bucket}/{uploads[-1].key}"
         job = schema.Job.from_dict({
             "job_id": job_id, "image": uris["image"], "mask": uris["mask"], "prompt": prompt, **options,
@@ -402,32 +404,6 @@ def _celery_app(broker_url: str) -> Celery:
     return app
 
 
-def _encoded_image(name: str, value) -> tuple[bytes, str]:
-    """(file bytes, extension) of an input given as a PIL image, bytes or a path; PIL images are sent as PNG,
-    files as they are (PNG, JPEG or WEBP)."""
-    if isinstance(value, Image.Image):
-        buffer = io.BytesIO()
-        value.save(buffer, format="PNG")
-        return buffer.getvalue(), "png"
-    if isinstance(value, (str, os.PathLike)):
-        path = Path(value)
-        if not path.is_file():
-            raise ValueError(f"{name}: no such file: {path}")
-        value = path.read_bytes()
-    if not isinstance(value, (bytes, bytearray, memoryview)):
-        raise ValueError(f"{name}: expected a PIL image, bytes, a path or an s3:// URI, got {type(value).__name__}")
-    body = bytes(value)
-    try:
-        with Image.open(io.BytesIO(body)) as image:
-            image_format = image.format
-    except UnidentifiedImageError:
-        raise ValueError(f"{name}: the bytes are not an image PIL can read") from None
-    if image_format not in INPUT_FORMATS:
-        raise ValueError(f"{name}: {image_format} images are not accepted; send {', '.join(INPUT_FORMATS)} "
-                         "(or a PIL image, sent as PNG)")
-    return body, INPUT_FORMATS[image_format]
-
-
 def _int_variable(env, variable: str, default: int) -> int:
     value = env.get(variable) or str(default)
     try:
@@ -435,3 +411,11 @@ def _int_variable(env, variable: str, default: int) -> int:
     except ValueError:
         raise ValueError(f"{variable}: expected an integer, got {value!r}") from None
 
+
+
+def _limits_from_env(env) -> schema.Limits:
+    """The workers' INPAINT_MAX_* limits (DESIGN §3), read by the same names and defaults."""
+    variables = {"max_pixels": "INPAINT_MAX_PIXELS", "max_steps": "INPAINT_MAX_STEPS",
+                 "max_images": "INPAINT_MAX_IMAGES", "max_prompt_chars": "INPAINT_MAX_PROMPT_CHARS"}
+    return schema.Limits(**{name: _int_variable(env, variable, getattr(schema.Limits, name))
+                            for name, variable in variables.items()})

@@ -152,9 +152,9 @@ def test_s3_inputs_are_passed_through_without_upload(client, store, s3):
     (picture(), {"scheduler": "warp"}, "scheduler"),
     (picture(), {"job_id": "not-a-uuid"}, "job_id"),
     (picture(), {"output_format": "gif"}, "output.format"),
-    (b"not an image", {}, "image: the bytes are not an image"),
+    (b"not an image", {}, "image: not a readable PNG, JPEG, WEBP image"),
     ("/nonexistent/image.png", {}, "image: no such file"),
-    (gif_bytes(), {}, "image: GIF images are not accepted; send PNG, JPEG, WEBP"),
+    (gif_bytes(), {}, "image: not a readable PNG, JPEG, WEBP image"),
     (42, {}, "image: expected a PIL image, bytes, a path or an s3:// URI"),
     ("s3://Bad_Bucket/key.png", {}, "image"),
 ])

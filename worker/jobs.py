@@ -9,16 +9,15 @@ import io
 import logging
 import threading
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import redis
 import torch
 from celery.exceptions import SoftTimeLimitExceeded
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from api_client import schema
+from api_client import inputs, schema
 from worker.inference.denoise import InpaintCancelled
 from worker.events import CLAIMED, JobStore, ProgressReporter
 from worker.lease import Heartbeat
@@ -38,7 +37,6 @@ SKIPPED = "skipped"      # already final, running under another live attempt, or
 REJECTED = "rejected"    # no usable job_id: nothing can be recorded
 RETRY = "retry"          # a transient error; the caller schedules another attempt
 
-INPUT_FORMATS = tuple(schema.INPUT_FORMATS)  # PIL format names; one list, shared with the client
 SAVE_OPTIONS = {"png": {"format": "PNG"}, "jpeg": {"format": "JPEG", "quality": 95},
                 "webp": {"format": "WEBP", "quality": 95}}
 
@@ -130,33 +128,15 @@ def validate_job(raw, settings: Settings, storage: Storage) -> schema.Job:
 
 
 def decode_image(name: str, data: bytes, max_pixels: int) -> Image.Image:
-    """A PNG, JPEG or WEBP image; anything else is invalid_input, a decompression bomb is limit_exceeded."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(io.BytesIO(data), formats=INPUT_FORMATS)
-            if image.width * image.height > max_pixels:
-                raise schema.JobError(schema.LIMIT_EXCEEDED, f"{name}: {image.width}x{image.height} is over the "
-                                                             f"limit of {max_pixels} pixels")
-            image.load()
-        except schema.JobError:
-            raise
-        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
-            raise schema.JobError(schema.LIMIT_EXCEEDED, f"{name}: {error}") from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-            raise schema.JobError(schema.INVALID_INPUT, f"{name}: not a readable "
-                                                        f"{', '.join(INPUT_FORMATS)} image ({error})") from None
-    _check_shape(name, image)
+    """A PNG, JPEG or WEBP image, checked from its header as the client checks it (api_client.inputs), then
+    decoded; anything unreadable is invalid_input, a decompression bomb is limit_exceeded."""
+    image = inputs.open_header(name, data, max_pixels)
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as error:
+        raise schema.JobError(schema.INVALID_INPUT, f"{name}: not a readable "
+                                                    f"{', '.join(schema.INPUT_FORMATS)} image ({error})") from None
     return _eight_bit(image)
-
-
-def _check_shape(name: str, image: Image.Image) -> None:
-    if getattr(image, "n_frames", 1) > 1:
-        raise schema.JobError(schema.INVALID_INPUT, f"{name}: an animated image ({image.n_frames} frames); send "
-                                                    "a single frame")
-    if min(image.size) < schema.SIZE_MULTIPLE:
-        raise schema.JobError(schema.INVALID_INPUT, f"{name}: {image.width}x{image.height} is smaller than "
-                                                    f"{schema.SIZE_MULTIPLE}x{schema.SIZE_MULTIPLE} pixels")
 
 
 def _eight_bit(image: Image.Image) -> Image.Image:
