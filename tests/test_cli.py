@@ -85,9 +85,12 @@ def test_submit_json_prints_the_job_id_and_enqueues(env, inputs, capsys):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--steps", "0"], "num_inference_steps"),
+    (["--steps", "0"], "--steps: 0 is outside [1, inf]"),
     (["--out", "somewhere"], "--out and --timeout need --wait"),
-    (["--job-id", "abc"], "job_id"),
+    (["--job-id", "abc"], "--job-id: 'abc' is not a uuid4"),
+    (["--seed", "-1"], "--seed: -1 is outside"),
+    (["--width", "60"], "--width: 60 is not a multiple of 8"),
+    (["--format", "png", "--priority", "12"], "--priority: 12 is outside [0, 9]"),
 ])
 def test_bad_job_input_exits_2_with_a_json_error(env, inputs, capsys, extra, message):
     code, out, _ = run_cli(capsys, *submit_args(inputs, *extra, "--json"))
