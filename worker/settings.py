@@ -8,7 +8,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 
-from api_client import schema
+from api_client import schema, state
 from api_client.schema import redact_url  # re-exported: others import it from here
 
 __all__ = ["Settings", "redact_url"]
@@ -76,10 +76,10 @@ class Settings:
     retry_backoff_s: float = _setting("INPAINT_RETRY_BACKOFF_S", 2.0, "first retry delay, doubled each retry",
                                       low=0.0)
     retry_backoff_max_s: float = _setting("INPAINT_RETRY_BACKOFF_MAX_S", 60.0, "longest retry delay", low=0.0)
-    state_ttl_s: int = _setting("INPAINT_STATE_TTL_S", schema.STATE_TTL_SECONDS, "lifetime of a job's state hash "
-                                                                                "and event stream", low=60)
-    events_maxlen: int = _setting("INPAINT_EVENTS_MAXLEN", schema.EVENTS_STREAM_MAXLEN, "approximate cap of the "
-                                                                                       "shared events stream", low=1)
+    state_ttl_s: int = _setting("INPAINT_STATE_TTL_S", state.STATE_TTL_SECONDS, "lifetime of a job's state hash "
+                                                                               "and event stream", low=60)
+    events_maxlen: int = _setting("INPAINT_EVENTS_MAXLEN", state.EVENTS_STREAM_MAXLEN, "approximate cap of the "
+                                                                                      "shared events stream", low=1)
     progress_interval_s: float = _setting("INPAINT_PROGRESS_INTERVAL_S", 0.5, "least time between two progress "
                                                                               "events of a job", low=0.0)
     gpus: str = _setting("INPAINT_GPUS", "", "run one worker process per GPU: all, none or a list such as 0,1 "
