@@ -17,7 +17,7 @@ from PIL import UnidentifiedImageError
 from redis.exceptions import RedisError
 
 from api_client import schema
-from api_client.client import EnqueueError, InpaintClient
+from api_client.client import CANCELABLE_STATES, EnqueueError, InpaintClient
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 130   # 128 + SIGINT, as shells report Ctrl-C
@@ -27,6 +27,8 @@ USAGE_CODES = frozenset({schema.INVALID_INPUT, schema.LIMIT_EXCEEDED, schema.INP
 QUEUE_UNAVAILABLE = "queue_unavailable"
 # Likewise for a job id the state store does not know: never submitted, or its hash expired.
 JOB_NOT_FOUND = "job_not_found"
+# And for a cancel of a job that has already ended (its state is left as it was).
+ALREADY_FINAL = "already_final"
 BAR_WIDTH = 30
 
 # Job options shared by `submit` and `run`: (flag, job field, type, help). Unset options are left out, so the
@@ -228,9 +230,9 @@ def _submit(args) -> int:
 def _cancel_on_interrupt(args, client: InpaintClient, job_id: str) -> int:
     """Ctrl-C while waiting: the job was this command's, so it is canceled rather than left running unwatched."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C must not cut the cancel short
-    client.cancel(job_id)
-    _print(args, {"job_id": job_id, "interrupted": True, "cancel_requested": True},
-           f"{job_id}: interrupted; cancel requested")
+    found = client.cancel(job_id)
+    _print(args, {"job_id": job_id, "interrupted": True, "cancel_requested": found in CANCELABLE_STATES,
+                  "state": _state_after_cancel(found)}, f"interrupted: {_cancel_text(job_id, found)}")
     return EXIT_INTERRUPTED
 
 
@@ -260,9 +262,26 @@ def _known_status(client: InpaintClient, job_id: str) -> schema.JobStatus:
 
 def _cancel(args) -> int:
     with InpaintClient.from_env() as client:
-        client.cancel(args.job_id)
-    _print(args, {"job_id": args.job_id, "cancel_requested": True}, f"{args.job_id}: cancel requested")
+        found = client.cancel(args.job_id)
+    if found == schema.EXPIRED:
+        raise CommandFailed(JOB_NOT_FOUND, f"{args.job_id}: no such job (never submitted, or expired)")
+    if found in schema.FINAL_STATES:
+        raise CommandFailed(ALREADY_FINAL, f"{args.job_id}: already {found}; nothing to cancel")
+    _print(args, {"job_id": args.job_id, "cancel_requested": True, "state": _state_after_cancel(found)},
+           _cancel_text(args.job_id, found))
     return EXIT_OK
+
+
+def _state_after_cancel(found: str) -> str:
+    return schema.CANCELED if found == schema.QUEUED else found
+
+
+def _cancel_text(job_id: str, found: str) -> str:
+    if found == schema.QUEUED:
+        return f"{job_id}: canceled (it had not started)"
+    if found == schema.RUNNING:
+        return f"{job_id}: cancel requested; the job stops at its next step"
+    return f"{job_id}: already {found}; nothing to cancel"
 
 
 def _fetch(args) -> int:

@@ -27,6 +27,7 @@ __all__ = ["InpaintClient", "AsyncInpaintClient", "ClientConfig", "EnqueueError"
 
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 DEFAULT_QUEUE = "inpaint"
+CANCELABLE_STATES = (schema.QUEUED, schema.RUNNING)   # a cancel of a job in another state changes nothing
 # How long one blocking stream read waits before the client re-reads the job's hash (a job whose stream expired
 # or was trimmed still ends the iteration).
 EVENT_BLOCK_MS = 1000
@@ -245,10 +246,15 @@ class InpaintClient(_ClientCore):
         Path(folder).mkdir(parents=True, exist_ok=True)
         return [self._save(bucket, key, folder) for bucket, key in locations]
 
-    def cancel(self, job_id: str) -> None:
-        """Set the job's cancel flag (read between denoise steps), end it now if still queued, revoke the task."""
-        self._cancel(job_id)
-        self._revoke(job_id)
+    def cancel(self, job_id: str) -> str:
+        """Cancel the job; returns the state the cancel found (one atomic step, see state.CANCEL):
+        `queued` (it is `canceled` now), `running` (its cancel flag is set: it stops at its next denoise step and
+        ends `canceled`), a final state (`succeeded`, `failed`, `canceled`: nothing changed) or `expired` (no such
+        job: nothing changed). A queued or running job's task is also revoked, so workers drop its messages."""
+        found = self._cancel(job_id)
+        if found in CANCELABLE_STATES:
+            self._revoke(job_id)
+        return found
 
 
 class AsyncInpaintClient(_ClientCore):
@@ -308,9 +314,11 @@ class AsyncInpaintClient(_ClientCore):
         await asyncio.to_thread(Path(folder).mkdir, parents=True, exist_ok=True)
         return list(await asyncio.gather(*(asyncio.to_thread(self._save, b, k, folder) for b, k in locations)))
 
-    async def cancel(self, job_id: str) -> None:
-        await self._cancel(job_id)
-        await asyncio.to_thread(self._revoke, job_id)
+    async def cancel(self, job_id: str) -> str:
+        found = await self._cancel(job_id)
+        if found in CANCELABLE_STATES:
+            await asyncio.to_thread(self._revoke, job_id)
+        return found
 
 
 class _EventReader:

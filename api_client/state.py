@@ -183,15 +183,19 @@ emit('state', 'queued', 0, 0, '{}')
 return 1
 """)
 
-# KEYS[4]: the cancel flag. ARGV[5]: the error JSON. Sets the flag (a running job stops at its next step); a job
-# still `queued` ends `canceled` at once, in the same step, so a worker that claims it later finds it final.
+# KEYS[4]: the cancel flag. ARGV[5]: the error JSON. Returns the state the cancel found, checked and acted on in one
+# step: 'queued' (it ends `canceled` now, so a worker that claims it later finds it final), 'running' (the flag is
+# set: the run stops at its next step), a final state or 'expired' (no hash: unknown or expired); those last two
+# are left untouched, no flag set.
 CANCEL = define_script("cancel", """
+if not state then return 'expired' end
+if final then return state end
 redis.call('SET', KEYS[4], '1', 'EX', ttl)
-if state ~= 'queued' then return 0 end
+if state ~= 'queued' then return state end
 redis.call('HSET', KEYS[1], 'state', 'canceled', 'finished_at', now, 'error', ARGV[5])
 redis.call('EXPIRE', KEYS[1], ttl)
 emit('state', 'canceled', 0, 0, '{"error": ' .. ARGV[5] .. '}')
-return 1
+return state
 """)
 
 # --- The worker's writes. A run owns the job through its `attempt` number and a lease (`lease_until`): writes

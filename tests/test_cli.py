@@ -121,7 +121,7 @@ def test_status_exit_codes_follow_the_state(env, inputs, capsys):
 def test_cancel_then_watch_ends_canceled(env, inputs, capsys):
     job_id = json.loads(run_cli(capsys, *submit_args(inputs, "--json"))[1])["job_id"]
     code, out, _ = run_cli(capsys, "cancel", job_id, "--json")
-    assert (code, json.loads(out)) == (0, {"job_id": job_id, "cancel_requested": True})
+    assert (code, json.loads(out)) == (0, {"job_id": job_id, "cancel_requested": True, "state": schema.CANCELED})
 
     code, out, _ = run_cli(capsys, "watch", job_id)
     assert code == 1

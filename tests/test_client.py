@@ -244,7 +244,7 @@ def test_fetch_of_an_unfinished_job_says_so(client):
 
 def test_cancel_of_a_queued_job_ends_it_at_once(client, store):
     job_id = client.submit(picture(), picture(), "p")
-    client.cancel(job_id)
+    assert client.cancel(job_id) == schema.QUEUED
     assert store.exists(state.cancel_key(job_id))
     status = client.wait(job_id, timeout=5)
     assert status.state == schema.CANCELED
@@ -254,9 +254,31 @@ def test_cancel_of_a_queued_job_ends_it_at_once(client, store):
 def test_cancel_of_a_running_job_only_sets_the_flag(client, store):
     job_id = client.submit(picture(), picture(), "p")
     store.hset(state.job_key(job_id), "state", schema.RUNNING)
-    client.cancel(job_id)
+    assert client.cancel(job_id) == schema.RUNNING
     assert store.get(state.cancel_key(job_id)) == "1"
     assert client.status(job_id).state == schema.RUNNING
+
+
+def test_cancel_of_an_unknown_job_changes_nothing(client, store):
+    job_id = uuid.uuid4().hex
+    assert client.cancel(job_id) == schema.EXPIRED
+    assert store.dbsize() == 0   # no flag, no hash, no event
+
+
+@pytest.mark.parametrize("final_state", [schema.SUCCEEDED, schema.FAILED, schema.CANCELED])
+def test_cancel_of_a_finished_job_leaves_it_as_it_was(client, store, final_state):
+    job_id = client.submit(picture(), picture(), "p")
+    if final_state == schema.CANCELED:
+        client.cancel(job_id)
+        store.delete(state.cancel_key(job_id))
+    else:
+        finish(store, job_id, final_state)
+    before = (store.hgetall(state.job_key(job_id)), store.xlen(state.job_events_key(job_id)),
+              store.xlen(state.EVENTS_STREAM))
+    assert client.cancel(job_id) == final_state
+    assert (store.hgetall(state.job_key(job_id)), store.xlen(state.job_events_key(job_id)),
+            store.xlen(state.EVENTS_STREAM)) == before
+    assert not store.exists(state.cancel_key(job_id))
 
 
 def test_config_from_env_reads_the_worker_variables():
@@ -283,7 +305,8 @@ def test_async_client_submits_follows_and_fetches(services, store, s3):
             status = await client.wait(job_id, timeout=5)
             images = await client.fetch(job_id)
             other = await client.submit(picture(), picture(), "p")
-            await client.cancel(other)
+            assert await client.cancel(other) == schema.QUEUED
+            assert await client.cancel(other) == schema.CANCELED
             return job_id, states, status, images, await client.status(other)
 
     job_id, states, status, images, canceled = asyncio.run(scenario())

@@ -51,7 +51,7 @@ def test_submit_and_cancel_write_the_documented_hash_and_entries(store):
         "job_id": job_id, "state": "queued", "step": "0", "total_steps": "0", "attempt": "0", "created_at": "5.25",
         "job": '{"job_id": "x"}'}
     error = '{"code": "canceled", "message": "m"}'
-    assert scripts.run_job(state.CANCEL, job_id, error, extra_keys=[state.cancel_key(job_id)], now=7.5) == 1
+    assert scripts.run_job(state.CANCEL, job_id, error, extra_keys=[state.cancel_key(job_id)], now=7.5) == "queued"
     assert store.get(state.cancel_key(job_id)) == "1" and 0 < store.ttl(state.cancel_key(job_id)) <= TTL_S
     assert store.hget(state.job_key(job_id), "error") == error
     queued = {"job_id": job_id, "type": "state", "state": "queued", "step": "0", "total_steps": "0", "ts": "5.25",

@@ -6,19 +6,32 @@ model is loaded in the worker process (worker.tasks), never in a parent that for
 import json
 import logging
 
-from celery import Celery, signals
+from celery import Celery, signals, states
+from celery.backends.base import DisabledBackend
 
 from api_client import schema
 from worker.settings import Settings
 
-__all__ = ["app", "settings", "create_app", "JsonFormatter"]
+__all__ = ["app", "settings", "create_app", "JsonFormatter", "NoResultBackend"]
 
 # LogRecord attributes that are not `extra` fields.
 _RECORD_FIELDS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
+class NoResultBackend(DisabledBackend):
+    """Celery keeps no task results here: a job's state and result live in its hash (worker.events). Celery's own
+    disabled backend raises on every state query, and a worker handling a revoke (each cancel) asks the state of
+    every task it is not running, then logs "No result backend is configured". Here every task is unknown to
+    Celery, which Celery calls PENDING, and the revoke is only recorded in the worker's memory."""
+
+    def get_state(self, task_id):
+        return states.PENDING
+
+    get_status = get_state
+
+
 def create_app(settings: Settings) -> Celery:
-    app = Celery("inpaint", broker=settings.broker_url, set_as_current=False)
+    app = Celery("inpaint", broker=settings.broker_url, backend=f"{__name__}:NoResultBackend", set_as_current=False)
     app.conf.update(
         # JSON only: a pickle-bodied message is refused before it is decoded.
         task_serializer="json", result_serializer="json", event_serializer="json",

@@ -191,3 +191,7 @@ def test_cancel_of_a_queued_job(service):
     assert status.step == 0
     assert not service.s3.list_objects_v2(Bucket=BUCKET, Prefix=f"jobs/{queued}/").get("Contents")
     assert all(wait_final(service, job_id).state == schema.CANCELED for job_id in busy)
+    # Each cancel revokes the task on every worker, which once logged "No result backend is configured" (Celery
+    # asked the disabled result backend for the state of each task it was not running).
+    for worker in service.workers:
+        assert "result backend" not in worker.log_text()
