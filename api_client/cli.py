@@ -179,15 +179,15 @@ def job_options(args: argparse.Namespace) -> dict:
 def _read_prompts(args: argparse.Namespace) -> None:
     """Replace `--prompt -` by standard input and `--prompt-file PATH` by the file's text (and the same for the
     negative prompt): a long prompt does not fit a command line."""
-    from_stdin = None
-    for field, flag in (("prompt", "--prompt"), ("negative_prompt", "--negative-prompt")):
-        path = getattr(args, f"{field}_file", None)
+    sources = [(field, flag) for field, flag in (("prompt", "--prompt"), ("negative_prompt", "--negative-prompt"))
+               if hasattr(args, f"{field}_file")]
+    if all(getattr(args, field) == "-" for field, _ in sources) and len(sources) == 2:
+        raise UsageError("--negative-prompt -: standard input can give only one of --prompt and --negative-prompt")
+    for field, flag in sources:
+        path = getattr(args, f"{field}_file")
         if path is not None:
             setattr(args, field, _without_final_newline(_read_text(f"{flag}-file", path)))
-        elif getattr(args, field, None) == "-":
-            if from_stdin:
-                raise UsageError(f"{flag} -: standard input is already read for {from_stdin} -")
-            from_stdin = flag
+        elif getattr(args, field) == "-":
             setattr(args, field, _without_final_newline(sys.stdin.read()))
 
 

@@ -1,7 +1,11 @@
 """The whole service: real redis-server, moto S3 over HTTP, two `inpaint-worker` processes on the tiny model."""
 import hashlib
 import io
+import os
 import re
+import signal
+import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -87,6 +91,30 @@ def test_cancel_stops_a_running_job(service):
     assert 1 <= status.step < 60
     assert service.events(job_id)[-1]["state"] == schema.CANCELED
     assert not service.s3.list_objects_v2(Bucket=BUCKET, Prefix=f"jobs/{job_id}/").get("Contents")
+
+
+def test_ctrl_c_on_submit_wait_cancels_the_running_job(service, tmp_path):
+    image, mask = tmp_path / "image.png", tmp_path / "mask.png"
+    sample_image().save(image)
+    sample_mask().save(mask)
+    env = {**os.environ, "INPAINT_BROKER_URL": service.redis_url, "INPAINT_S3_ENDPOINT_URL": service.s3_endpoint_url,
+           "INPAINT_BUCKET": BUCKET}
+    process = subprocess.Popen([sys.executable, "-m", "api_client.cli", "submit", "--image", str(image), "--mask",
+                                str(mask), "--prompt", "a long job", "--steps", "60", "--scheduler", "ddim", "--wait"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        job_id = process.stdout.readline().split(":")[0]   # "<id>: submitted", printed once it is accepted
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while service.client.status(job_id).step < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    assert f"interrupted: {job_id}: cancel requested; the job stops at its next step" in out
+    status = wait_final(service, job_id)
+    assert status.state == schema.CANCELED and 1 <= status.step < 60
 
 
 def not_an_image(service, job_id):
