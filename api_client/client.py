@@ -5,6 +5,7 @@ environment variables (DESIGN §6), and sends the `inpaint.run` task by name thr
 worker (nor torch). `InpaintClient` is blocking; `AsyncInpaintClient` has the same methods as coroutines.
 """
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -16,11 +17,12 @@ from pathlib import Path
 
 import redis
 import redis.asyncio
+from botocore.exceptions import ClientError
 from celery import Celery
 from PIL import Image
 
 from api_client import inputs, schema, state
-from api_client.s3 import s3_client
+from api_client.s3 import is_missing_bucket, missing_bucket_message, s3_client
 from api_client.schema import redact_url
 
 __all__ = ["InpaintClient", "AsyncInpaintClient", "ClientConfig", "EnqueueError"]
@@ -128,8 +130,20 @@ class _ClientCore:
         return self.config.bucket
 
     def _upload(self, upload: _Upload) -> None:
-        self._s3.put_object(Bucket=self.config.bucket, Key=upload.key, Body=upload.body,
-                            ContentType=upload.content_type)
+        with self._bucket_named(self.config.bucket):
+            self._s3.put_object(Bucket=self.config.bucket, Key=upload.key, Body=upload.body,
+                                ContentType=upload.content_type)
+
+    @contextlib.contextmanager
+    def _bucket_named(self, bucket: str):
+        """S3's NoSuchBucket, which names neither the bucket nor the endpoint, as a storage_unavailable JobError
+        that names both and says how to create the bucket."""
+        try:
+            yield
+        except ClientError as error:
+            if not is_missing_bucket(error):
+                raise
+            raise schema.JobError(schema.STORAGE_UNAVAILABLE, missing_bucket_message(self._s3, bucket)) from None
 
     def _send(self, job: dict) -> None:
         """Publish the task by name, JSON, with the job_id as task id (so cancel can revoke it)."""
@@ -164,7 +178,8 @@ class _ClientCore:
         return [schema.parse_s3_uri("result", image["uri"]) for image in status.result["images"]]
 
     def _get_bytes(self, bucket: str, key: str) -> bytes:
-        return self._s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        with self._bucket_named(bucket):
+            return self._s3.get_object(Bucket=bucket, Key=key)["Body"].read()
 
     def _get_image(self, bucket: str, key: str) -> Image.Image:
         image = Image.open(io.BytesIO(self._get_bytes(bucket, key)))

@@ -311,7 +311,8 @@ def test_prompts_from_a_file_or_standard_input(env, inputs, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--prompt", "-", "--negative-prompt", "-"], "--negative-prompt -: standard input can give only one of --prompt and --negative-prompt"),
+    (["--prompt", "-", "--negative-prompt", "-"],
+     "--negative-prompt -: standard input can give only one of --prompt and --negative-prompt"),
     (["--prompt-file", "/no/such/prompt.txt"], "--prompt-file: no such file: /no/such/prompt.txt"),
 ])
 def test_prompt_sources_that_cannot_work_exit_2(env, inputs, capsys, argv, message):
@@ -403,3 +404,11 @@ def test_ctrl_c_while_waiting_cancels_the_job(env, inputs):
     assert process.returncode == cli.EXIT_INTERRUPTED == 130, err
     assert f"interrupted: {job_id}: canceled (it had not started)" in out
     assert env.hget(state.job_key(job_id), "state") == schema.CANCELED
+
+
+def test_a_missing_bucket_exits_1_naming_it(env, inputs, monkeypatch):
+    monkeypatch.setenv("INPAINT_BUCKET", "no-such-bucket")
+    done = inpaint(*submit_args(inputs))
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr.startswith("inpaint: error: bucket 'no-such-bucket' does not exist at http://127.0.0.1:")
+    assert "aws s3 mb s3://no-such-bucket" in done.stderr and len(done.stderr.splitlines()) == 1

@@ -171,6 +171,17 @@ def test_submit_without_bucket_names_the_setting(services):
             no_bucket.submit(picture(), picture(), "p")
 
 
+def test_a_missing_bucket_is_named_with_its_endpoint_and_how_to_create_it(services, store):
+    endpoint = services[1].endpoint_url
+    with InpaintClient(broker_url=services[0].url, s3_endpoint_url=endpoint, bucket="no-such-bucket") as client:
+        with pytest.raises(schema.JobError) as caught:
+            client.submit(picture(), picture(), "p")
+    assert caught.value.code == schema.STORAGE_UNAVAILABLE
+    assert caught.value.message.startswith(f"bucket 'no-such-bucket' does not exist at {endpoint}; create it (e.g. "
+                                           f"`aws s3 mb s3://no-such-bucket --endpoint-url {endpoint}`")
+    assert store.dbsize() == 0
+
+
 def test_failed_enqueue_raises_and_leaves_the_job_resubmittable(services, store, client):
     dead_broker = f"redis://127.0.0.1:{devstack.free_port()}/0"
     with InpaintClient(broker_url=dead_broker, state_url=services[0].url,

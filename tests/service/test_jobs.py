@@ -352,6 +352,18 @@ def test_storage_outage_is_retried_then_fails(settings, store, storage):
     assert failed(store, job)[0] == schema.STORAGE_UNAVAILABLE
 
 
+def test_a_missing_bucket_is_named_with_its_endpoint_and_how_to_create_it(settings, s3_server):
+    missing = Storage.from_settings(dataclasses.replace(settings, allowed_buckets="no-such-bucket"))
+    where = (f"'no-such-bucket' does not exist at {s3_server.endpoint_url}; create it "
+             "(e.g. `aws s3 mb s3://no-such-bucket")
+    with pytest.raises(schema.JobError) as reading:
+        missing.read("image", "no-such-bucket", "in/image.png")
+    with pytest.raises(schema.JobError) as writing:
+        missing.write_once("no-such-bucket", "jobs/x/0.png", b"png", "image/png", {})
+    assert reading.value.code == schema.INPUT_NOT_FOUND and where in reading.value.message
+    assert writing.value.code == schema.STORAGE_UNAVAILABLE and where in writing.value.message
+
+
 def test_job_without_a_usable_id_is_refused_and_nothing_written(settings, store, storage):
     runtime = runtime_with(settings, store, storage, FakePipeline())
     for raw in ({"job_id": "../../etc"}, ["not", "a", "dict"], {"prompt": "no id"}):
