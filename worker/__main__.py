@@ -8,6 +8,7 @@ supervises: one worker process per GPU (worker.gpus). `--help` shows ours before
 without the [worker] extra (the client alone) the command says so in one line and exits 2.
 """
 import importlib.util
+import os
 import sys
 
 from worker import gpus
@@ -20,13 +21,16 @@ EXIT_MISSING_EXTRA = 2
 
 
 def worker_argv(settings: Settings, extra: list[str]) -> list[str]:
-    return ["worker", "--pool", "solo", "--concurrency", "1", "--prefetch-multiplier", "1", "--task-events",
+    # JSON logs: no start-up banner either, the one multi-line text Celery prints outside its logging.
+    quiet = ["--quiet"] if settings.log_format == "json" else []
+    return [*quiet, "worker", "--pool", "solo", "--concurrency", "1", "--prefetch-multiplier", "1", "--task-events",
             "--queues", settings.queue, "--loglevel", settings.log_level, *extra]
 
 
 def help_text(settings: Settings) -> str:
     """Our options and the defaults handed to Celery first, then where Celery's own options go."""
-    defaults = " ".join(worker_argv(settings, [])[1:])
+    argv = worker_argv(settings, [])
+    defaults = " ".join(argv[argv.index("worker") + 1:])
     return f"""usage: inpaint-worker [--gpus all|none|0,1,...] [celery worker options]
 
 Runs an inpaint-fleet worker: takes jobs from the queue, paints them with INPAINT_MODEL and uploads the images.
@@ -67,9 +71,16 @@ def main(argv=None) -> None:
         spec, celery_options = gpus.split_gpus_option(arguments, settings.gpus)
         if spec:
             sys.exit(gpus.supervise(spec, celery_options, metrics_port=settings.metrics_port,
-                                    log_level=settings.log_level, device=settings.device))
+                                    log_level=settings.log_level, device=settings.device,
+                                    log_format=settings.log_format))
     except ValueError as error:  # a clear line naming the variable or option, not a traceback from inside Celery
         sys.exit(f"inpaint-worker: {error}")
+    from worker.app import configure_logs
+
+    # Lines before Celery sets its logging up (its root-user warning, import warnings) in the format too; no
+    # download or weight-loading progress bars, which are neither format.
+    configure_logs(settings.log_level, settings.log_format)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from worker.tasks import app
 
     app.worker_main(worker_argv(settings, celery_options))

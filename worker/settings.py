@@ -15,6 +15,7 @@ __all__ = ["Settings", "redact_url"]
 
 GRAPH_MODES = ("auto", "on", "off")
 KERNEL_MODES = ("auto", "triton", "torch")
+LOG_FORMATS = ("json", "text")
 DTYPE_NAMES = ("", "float16", "fp16", "bfloat16", "bf16", "float32", "fp32")
 MAX_PRESIGN_EXPIRY_S = 7 * 24 * 3600  # S3's ceiling for SigV4 presigned URLs
 
@@ -92,6 +93,9 @@ class Settings:
                                                  "512x512:50:pndm (empty = none)")
     log_level: str = _setting("INPAINT_LOG_LEVEL", "INFO", "worker log level",
                               choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    log_format: str = _setting("INPAINT_LOG_FORMAT", "json", "worker log lines, Celery's own included: json (one "
+                                                             "object per line) or text (one line for people)",
+                               choices=LOG_FORMATS)
 
     def __post_init__(self):
         for item in fields(self):

@@ -1,6 +1,7 @@
 """The whole service: real redis-server, moto S3 over HTTP, two `inpaint-worker` processes on the tiny model."""
 import hashlib
 import io
+import json
 import os
 import re
 import signal
@@ -223,3 +224,12 @@ def test_cancel_of_a_queued_job(service):
     # asked the disabled result backend for the state of each task it was not running).
     for worker in service.workers:
         assert "result backend" not in worker.log_text()
+
+
+def test_worker_logs_are_one_json_object_per_line_celerys_included(service):
+    for worker in service.workers:
+        lines = worker.log_text().splitlines()
+        assert not [line for line in lines if not line.startswith("{")], lines
+        entries = [json.loads(line) for line in lines]
+        loggers = {entry["logger"].split(".")[0] for entry in entries}
+        assert {"celery", "inpaint"} <= loggers, loggers

@@ -12,9 +12,11 @@ from worker.settings import Settings
 
 def test_defaults_come_first_so_given_options_override_them():
     argv = worker_argv(Settings.from_env({"INPAINT_QUEUE": "gpu-a"}), ["--pool", "prefork", "-n", "w1@%h"])
-    assert argv[:11] == ["worker", "--pool", "solo", "--concurrency", "1", "--prefetch-multiplier", "1",
+    assert argv[:12] == ["--quiet", "worker", "--pool", "solo", "--concurrency", "1", "--prefetch-multiplier", "1",
                          "--task-events", "--queues", "gpu-a", "--loglevel"]
     assert argv[-4:] == ["--pool", "prefork", "-n", "w1@%h"]
+    # Celery's start-up banner is plain text: printed with text logs only.
+    assert worker_argv(Settings.from_env({"INPAINT_LOG_FORMAT": "text"}), [])[0] == "worker"
 
 
 def test_bad_setting_stops_the_worker_with_a_clear_message():
