@@ -10,13 +10,11 @@ from dataclasses import asdict, dataclass, field, fields
 
 from api_client import schema, state
 from api_client.schema import redact_url  # re-exported: others import it from here
+from worker.inference.names import DTYPES, GRAPH_MODES, KERNEL_MODES, dtype_key
 
 __all__ = ["Settings", "redact_url"]
 
-GRAPH_MODES = ("auto", "on", "off")
-KERNEL_MODES = ("auto", "triton", "torch")
 LOG_FORMATS = ("json", "text")
-DTYPE_NAMES = ("", "float16", "fp16", "bfloat16", "bf16", "float32", "fp32")
 MAX_PRESIGN_EXPIRY_S = 7 * 24 * 3600  # S3's ceiling for SigV4 presigned URLs
 
 
@@ -39,7 +37,7 @@ class Settings:
     local_files_only: bool = _setting("INPAINT_LOCAL_FILES_ONLY", False, "never download the model, use the cache")
     device: str = _setting("INPAINT_DEVICE", "", "torch device (empty = cuda if available, else cpu)")
     dtype: str = _setting("INPAINT_DTYPE", "", "float16, bfloat16 or float32 (empty = float16 on cuda, else "
-                                               "float32)", choices=DTYPE_NAMES)
+                                               "float32)", choices=("", *DTYPES))
     cuda_graphs: str = _setting("INPAINT_CUDA_GRAPHS", "auto", "denoise loop as CUDA-graph replay: auto, on or off",
                                 choices=GRAPH_MODES)
     max_cuda_graphs: int = _setting("INPAINT_MAX_CUDA_GRAPHS", 8, "captured graphs kept (one per job shape)",
@@ -198,6 +196,8 @@ def _check(item, value) -> None:
 
 
 def _normalized(item, value: str) -> str:
+    if item.name == "dtype":
+        return dtype_key(value)   # as the loader reads it
     return value.upper() if item.name == "log_level" else value.lower()
 
 
