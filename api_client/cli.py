@@ -15,7 +15,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from PIL import UnidentifiedImageError
 from redis.exceptions import RedisError
 
-from api_client import schema
+from api_client import schema, state
 from api_client.client import CANCELABLE_STATES, EnqueueError, InpaintClient
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE = 0, 1, 2
@@ -319,32 +319,74 @@ def _run(args) -> int:
 
 
 def _follow(args, client: InpaintClient, job_id: str, timeout: float | None) -> None:
-    """Show the job's events until it ends: JSON lines with --json, a live bar on a TTY, plain lines otherwise."""
-    show = ProgressDisplay(sys.stdout) if not args.json else None
-    for event in client.events(job_id, timeout=timeout):
-        if show is None:
-            print(json.dumps(event), flush=True)
-        else:
-            show.update(event.get("step") or 0, event.get("total_steps") or 0, event["state"])
-    if show is not None:
-        show.close()
+    """Show the job's events until it ends: JSON lines with --json, a live line on a TTY, plain lines otherwise."""
+    display = ProgressDisplay(sys.stdout) if not args.json else None
+    try:
+        for event in client.events(job_id, timeout=timeout):
+            if display is None:
+                print(json.dumps(event), flush=True)
+            else:
+                display.show(event)
+    finally:
+        if display is not None:
+            display.close()
+
+
+# How the display names each phase of a running job (state.PHASES).
+PHASE_LABELS = {state.FETCHING: "fetching inputs", state.ENCODING: "encoding", state.DENOISING: "denoising",
+                state.DECODING: "decoding", state.UPLOADING: "uploading"}
 
 
 class ProgressDisplay:
-    """A one-line progress bar redrawn in place on a terminal; one plain line per change elsewhere."""
+    """A one-line progress display redrawn in place on a terminal; one plain line per change elsewhere.
+
+    `show(event)` follows a job's events: while it runs, its phase (denoising with a bar and n/N), the time since
+    this attempt started and, while denoising, the time left at the rate of the steps so far. Times come from the
+    events' own timestamps. `update(step, total, label)` draws a plain bar (`inpaint run`)."""
 
     def __init__(self, stream):
         self.stream = stream
         self.live = stream.isatty()
         self.last = None
+        self._started = None         # ts of the running attempt's first event
+        self._denoise_from = None    # (step, ts) where denoising began, for the rate
 
     def update(self, step: int, total: int, label: str) -> None:
-        if (step, total, label) == self.last:
+        self._write(f"{label:<9} {_bar(step, total)} {step}/{total}" if total else label)
+
+    def show(self, event: dict) -> None:
+        if event["state"] != schema.RUNNING:
+            self.update(event["step"], event["total_steps"], event["state"])
             return
-        self.last = (step, total, label)
-        filled = BAR_WIDTH * step // total if total else 0
-        bar = f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}]" if total else ""
-        line = f"{label:<9} {bar} {step}/{total}" if total else label
+        phase, step, total, ts = event.get("phase", ""), event["step"], event["total_steps"], event["ts"]
+        if self._started is None or (event["type"] == state.EVENT_STATE and phase == state.FETCHING):
+            self._started, self._denoise_from = ts, None   # a new attempt starts over
+        parts = [f"{schema.RUNNING:<9}", PHASE_LABELS.get(phase, phase or "starting")]
+        if event["type"] == state.EVENT_RETRY:
+            parts[1] = "retrying"
+        if phase == state.DENOISING:
+            self._denoise_from = self._denoise_from or (step, ts)
+            if total:
+                parts[1] += f" {_bar(step, total)} {step}/{total}"
+        parts.append(f"elapsed {ts - self._started:.1f}s")
+        eta = self._eta(phase, step, total, ts)
+        if eta is not None:
+            parts.append(f"ETA {eta:.1f}s")
+        self._write("  ".join(parts))
+
+    def _eta(self, phase: str, step: int, total: int, ts: float) -> float | None:
+        """Seconds left of the denoise loop at the rate of its steps so far (decoding and upload are short)."""
+        if phase != state.DENOISING or self._denoise_from is None or not total:
+            return None
+        first_step, first_ts = self._denoise_from
+        if step <= first_step:
+            return None
+        return (total - step) * (ts - first_ts) / (step - first_step)
+
+    def _write(self, line: str) -> None:
+        if line == self.last:
+            return
+        self.last = line
         self.stream.write(f"\r{line}\x1b[K" if self.live else f"{line}\n")
         self.stream.flush()
 
@@ -352,6 +394,11 @@ class ProgressDisplay:
         if self.live and self.last is not None:
             self.stream.write("\n")
             self.stream.flush()
+
+
+def _bar(step: int, total: int) -> str:
+    filled = BAR_WIDTH * step // total if total else 0
+    return f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}]"
 
 
 def _status_text(status, files) -> str:

@@ -299,6 +299,7 @@ class JobStatus:
     finished_at: float | None = None
     error: dict | None = None
     result: dict | None = None
+    phase: str = ""              # while running: one of state.PHASES
 
     @classmethod
     def from_hash(cls, job_id: str, mapping: dict) -> "JobStatus":
@@ -312,7 +313,8 @@ class JobStatus:
                    created_at=_float_or_none(values.get("created_at")),
                    started_at=_float_or_none(values.get("started_at")),
                    finished_at=_float_or_none(values.get("finished_at")),
-                   error=_json_or_none(values.get("error")), result=_json_or_none(values.get("result")))
+                   error=_json_or_none(values.get("error")), result=_json_or_none(values.get("result")),
+                   phase=values.get("phase") or "")
 
     @property
     def final(self) -> bool:

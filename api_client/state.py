@@ -9,7 +9,8 @@ Public names:
   (the shared stream, capped with MAXLEN ~), `LEASES_KEY` (sorted set of running jobs by lease end); defaults
   `STATE_TTL_SECONDS`, `EVENTS_STREAM_MAXLEN`.
 - Events: the types `EVENT_STATE`, `EVENT_PROGRESS`, `EVENT_RETRY`; `EVENT_FIELDS`, the entry's fields (the one place
-  a field is added: every script's `emit` and `parse_event` follow it); `parse_event(fields)`.
+  a field is added: every script's `emit` and `parse_event` follow it); `parse_event(fields)`. A running job's
+  `PHASES` (`FETCHING`, `ENCODING`, `DENOISING`, `DECODING`, `UPLOADING`), in its hash and in each event.
 - Scripts: `Script`, `SCRIPTS` (every script, by name), `define_script(name, lua, job=True)`; the job scripts
   `CREATE_QUEUED`, `CANCEL` (client), `CLAIM`, `PROGRESS`, `FINISH`, `RELEASE` (worker), `EXPIRE_LEASE`, and the
   plain script `RENEW_LEASE` (lease code).
@@ -30,7 +31,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 __all__ = ["job_key", "job_events_key", "cancel_key", "EVENTS_STREAM", "LEASES_KEY", "STATE_TTL_SECONDS",
-           "EVENTS_STREAM_MAXLEN", "EVENT_STATE", "EVENT_PROGRESS", "EVENT_RETRY", "EventField", "EVENT_FIELDS",
+           "EVENTS_STREAM_MAXLEN", "EVENT_STATE", "EVENT_PROGRESS", "EVENT_RETRY", "PHASES", "FETCHING", "ENCODING",
+           "DENOISING", "DECODING", "UPLOADING", "EventField", "EVENT_FIELDS",
            "parse_event", "Script", "SCRIPTS", "define_script", "job_prelude", "Scripts", "CREATE_QUEUED", "CANCEL",
            "CLAIM", "PROGRESS", "FINISH", "RELEASE", "RENEW_LEASE", "EXPIRE_LEASE"]
 
@@ -41,6 +43,12 @@ EVENTS_STREAM_MAXLEN = 100_000
 
 # The event types; the scripts below write them as Lua literals.
 EVENT_STATE, EVENT_PROGRESS, EVENT_RETRY = "state", "progress", "retry"
+
+# The phases of a running job, in order (the hash's and each event's `phase`): a claim starts `fetching` (the
+# inputs), the pipeline reports `encoding`, `denoising` (with step/total_steps) and `decoding`, then the worker is
+# `uploading`. A final state clears it.
+FETCHING, ENCODING, DENOISING, DECODING, UPLOADING = "fetching", "encoding", "denoising", "decoding", "uploading"
+PHASES = (FETCHING, ENCODING, DENOISING, DECODING, UPLOADING)
 
 
 def job_key(job_id: str) -> str:
@@ -79,6 +87,8 @@ EVENT_FIELDS = (
     EventField("total_steps", "tostring(total)", lambda text: int(text or 0)),
     EventField("ts", "now", lambda text: float(text or 0.0)),
     EventField("data", "data", lambda text: json.loads(text or "{}")),
+    # What a running job is doing (PHASES), as its hash says when the event is written; "" outside running.
+    EventField("phase", "field('phase', '')"),
 )
 
 
@@ -224,16 +234,17 @@ if not state then redis.call('HSET', KEYS[1], 'job_id', job_id, 'created_at', no
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'job', ARGV[7]) end
 attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[5], 'started_at', now, 'lease_until', ARGV[6],
-           'step', '0', 'total_steps', '0')
+           'step', '0', 'total_steps', '0', 'phase', 'fetching')
 redis.call('EXPIRE', KEYS[1], ttl)
 emit('state', 'running', 0, 0, '{"attempt": ' .. attempt .. ', "worker": ' .. cjson.encode(ARGV[5]) .. '}')
 return {'claimed', 'running', attempt, field('created_at', '')}
 """)
 
-# ARGV[5..7]: attempt, step, total. Only the attempt that owns the running job reports progress.
+# ARGV[5..8]: attempt, step, total, phase (one of PHASES). Only the attempt that owns the running job reports
+# progress: a denoise step, or the start of a phase.
 PROGRESS = define_script("progress", """
 if state ~= 'running' or field('attempt', '0') ~= ARGV[5] then return 0 end
-redis.call('HSET', KEYS[1], 'step', ARGV[6], 'total_steps', ARGV[7])
+redis.call('HSET', KEYS[1], 'step', ARGV[6], 'total_steps', ARGV[7], 'phase', ARGV[8])
 emit('progress', 'running', ARGV[6], ARGV[7], '{}')
 return 1
 """)
@@ -244,7 +255,7 @@ return 1
 FINISH = define_script("finish", """
 if final or not state then return 0 end
 if ARGV[6] ~= '' and field('attempt', '0') ~= ARGV[6] then return 0 end
-redis.call('HSET', KEYS[1], 'state', ARGV[5], 'finished_at', now, 'lease_until', '0')
+redis.call('HSET', KEYS[1], 'state', ARGV[5], 'finished_at', now, 'lease_until', '0', 'phase', '')
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[7]) end
 if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[8], 'step', field('total_steps', '0')) end
 redis.call('EXPIRE', KEYS[1], ttl)

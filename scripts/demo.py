@@ -115,7 +115,7 @@ def _run_job(client: InpaintClient, job: dict, worker, started: float) -> int:
 def _show_progress(client: InpaintClient, job_id: str) -> None:
     display = ProgressDisplay(sys.stdout)
     for event in client.events(job_id, timeout=JOB_TIMEOUT_S):
-        display.update(event["step"], event["total_steps"], event["state"])
+        display.show(event)
     display.close()
 
 

@@ -213,6 +213,33 @@ def test_progress_display_redraws_on_a_terminal_and_prints_lines_elsewhere():
                 f"running   [{'#' * 30}] 2/2", f"succeeded [{'#' * 30}] 2/2"]
 
 
+def event(state_name, ts, phase="", step=0, total=0, kind="progress") -> dict:
+    return {"job_id": "j", "type": kind, "state": state_name, "step": step, "total_steps": total, "ts": ts,
+            "data": {}, "phase": phase}
+
+
+def test_progress_display_shows_the_phase_elapsed_time_and_eta():
+    stream = io.StringIO()
+    display = cli.ProgressDisplay(stream)
+    for item in (event("queued", 99.0, kind="state"), event("running", 100.0, "fetching", kind="state"),
+                 event("running", 100.5, "encoding"), event("running", 101.0, "denoising"),
+                 event("running", 102.0, "denoising", 1, 4), event("running", 103.0, "denoising", 2, 4),
+                 event("running", 105.0, "decoding", 4, 4), event("running", 105.5, "uploading", 4, 4),
+                 event("succeeded", 106.0, "", 4, 4, kind="state")):
+        display.show(item)
+    display.close()
+    assert stream.getvalue().splitlines() == [
+        "queued",
+        "running    fetching inputs  elapsed 0.0s",
+        "running    encoding  elapsed 0.5s",
+        "running    denoising  elapsed 1.0s",
+        f"running    denoising [{'#' * 7}{'.' * 23}] 1/4  elapsed 2.0s  ETA 3.0s",
+        f"running    denoising [{'#' * 15}{'.' * 15}] 2/4  elapsed 3.0s  ETA 2.0s",
+        "running    decoding  elapsed 5.0s",
+        "running    uploading  elapsed 5.5s",
+        f"succeeded [{'#' * 30}] 4/4"]
+
+
 def test_run_paints_in_process_with_the_tiny_model(tiny_model_dir, inputs, capsys, tmp_path):
     out = tmp_path / "result" / "painted.png"
     code, stdout, _ = run_cli(capsys, "run", "--model", str(tiny_model_dir), "--image", str(inputs[0]), "--mask",

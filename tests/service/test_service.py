@@ -47,10 +47,13 @@ def test_submitted_job_runs_and_reports_everything(service):
         assert Image.open(io.BytesIO(body)).size == (image["width"], image["height"]) == (64, 64)
 
     events = service.events(job_id)
-    assert [(e["type"], e["state"]) for e in events] == [
-        ("state", "queued"), ("state", "running"), ("progress", "running"), ("progress", "running"),
-        ("state", "succeeded")]
-    assert [e["step"] for e in events[2:]] == [1, 2, 2] and all(e["total_steps"] == 2 for e in events[2:])
+    # The phases of the run, each as it begins, around the denoise steps.
+    assert [(e["type"], e["state"], e["phase"], e["step"]) for e in events] == [
+        ("state", "queued", "", 0), ("state", "running", "fetching", 0), ("progress", "running", "encoding", 0),
+        ("progress", "running", "denoising", 0), ("progress", "running", "denoising", 1),
+        ("progress", "running", "denoising", 2), ("progress", "running", "decoding", 2),
+        ("progress", "running", "uploading", 2), ("state", "succeeded", "", 2)]
+    assert all(e["total_steps"] == 2 for e in events[4:])
     assert [e["ts"] for e in events] == sorted(e["ts"] for e in events)
     assert events[-1]["data"]["result"] == status.result
     assert service.shared_events(job_id) == events
