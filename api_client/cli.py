@@ -53,7 +53,7 @@ JOB_OPTIONS = (
 FIELD_FLAGS = {**{field: flag for flag, field, _, _ in JOB_OPTIONS},
                "image": "--image", "mask": "--mask", "prompt": "--prompt", "negative_prompt": "--negative-prompt",
                "scheduler": "--scheduler", "keep_unmasked": "--keep-unmasked", "output.format": "--format",
-               "priority": "--priority", "job_id": "--job-id"}
+               "priority": "--priority", "job_id": "--job-id", "num_images_per_prompt": "--num-images"}
 _LEADING_FIELD = re.compile(r"^([a-z_.]+)(?=[: ])")
 
 
