@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError
-from PIL import UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from redis.exceptions import RedisError
 
 from api_client import schema, state
@@ -309,6 +309,8 @@ def _run(args) -> int:
                                     device=args.device, dtype=args.dtype, progress=progress)
     except UnidentifiedImageError as error:  # PIL's error for an --image or --mask that is no image
         raise UsageError(f"run: {error}") from None
+    except Image.DecompressionBombError as error:   # a header claiming a huge size: refused before decoding
+        raise schema.JobError(schema.LIMIT_EXCEEDED, f"run: {error}") from None
     except ModelLoadError as error:
         raise CommandFailed(error.code, f"run: {error}") from None
     finally:

@@ -287,6 +287,16 @@ def test_run_with_a_non_image_input_exits_2_without_a_traceback(tiny_model_dir, 
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+def test_run_with_a_decompression_bomb_exits_2_without_a_traceback(tiny_model_dir, inputs, capsys, tmp_path):
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_with_header_only(40000, 40000))
+    code, out, _ = run_cli(capsys, "run", "--model", str(tiny_model_dir), "--image", str(bomb), "--mask",
+                           str(inputs[1]), "--prompt", "p", "--out", str(tmp_path / "o.png"), "--json")
+    assert code == 2
+    error = json.loads(out)["error"]
+    assert error["code"] == schema.LIMIT_EXCEEDED and "decompression bomb" in error["message"]
+
+
 @pytest.mark.parametrize("command", ["status", "watch"])
 def test_status_and_watch_of_an_unknown_job_exit_1(env, capsys, command):
     code, out, _ = run_cli(capsys, command, uuid.uuid4().hex, "--json")

@@ -299,6 +299,9 @@ def test_config_from_env_reads_the_worker_variables():
     assert config == ClientConfig("redis://b:1/0", "redis://s:2/1", "http://s3:9000", "bk", "q", 120,
                                   state.EVENTS_STREAM_MAXLEN)
     assert ClientConfig.from_env({}) == ClientConfig()
+    limits = ClientConfig.from_env({"INPAINT_MAX_PIXELS": "4096", "INPAINT_MAX_STEPS": "20", "INPAINT_MAX_IMAGES": "2",
+                                    "INPAINT_MAX_PROMPT_CHARS": "10"}).limits   # the workers' limits, checked first
+    assert limits == schema.Limits(max_pixels=4096, max_steps=20, max_images=2, max_prompt_chars=10)
     with pytest.raises(ValueError, match="INPAINT_EVENTS_MAXLEN"):
         ClientConfig.from_env({"INPAINT_EVENTS_MAXLEN": "many"})
 
