@@ -315,6 +315,12 @@ class TakeOverAt(FakePipeline):
         return super().__call__(prompt, image, mask, callback=take_over, **options)
 
 
+def end_the_taken_over_job(store, job_id: str) -> None:
+    """The attempt that took the job over never runs here: end the job, or the watchdog of a later test's workers
+    (same Redis) would find its lease expired and run it, keeping them from answering while they start."""
+    assert store.finish(job_id, schema.CANCELED, error={"code": schema.CANCELED_ERROR, "message": "test over"})
+
+
 def test_an_attempt_whose_lease_was_taken_over_stops_and_records_nothing(settings, store, storage):
     job = make_job(storage, num_inference_steps=20)
     beating = dataclasses.replace(settings, lease_s=1.0, heartbeat_s=0.05)
@@ -324,6 +330,7 @@ def test_an_attempt_whose_lease_was_taken_over_stops_and_records_nothing(setting
     assert pipeline.last_step < 20   # the denoise loop was stopped, not run to its end
     status = store.status(job["job_id"])
     assert (status.state, status.attempt, status.error) == (schema.RUNNING, 2, None)
+    end_the_taken_over_job(store, job["job_id"])
 
 
 def test_a_refused_final_write_is_not_counted_as_success(settings, store, storage):
@@ -333,6 +340,7 @@ def test_a_refused_final_write_is_not_counted_as_success(settings, store, storag
     assert (outcome.status, outcome.images) == (jobs.SKIPPED, 0)
     status = store.status(job["job_id"])
     assert (status.state, status.attempt, status.result) == (schema.RUNNING, 2, None)
+    end_the_taken_over_job(store, job["job_id"])
 
 
 def test_pipeline_is_loaded_once():
