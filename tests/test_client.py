@@ -93,7 +93,7 @@ def task_args(message: dict) -> list:
 
 def finish(store, job_id: str, final_state: str, result: dict | None = None, error: dict | None = None) -> None:
     """Play the worker: write a final state and its event through the worker's state store."""
-    assert JobStore(store).finish(job_id, final_state, result=result, error=error)
+    assert JobStore(store).finish(job_id, final_state, error=error, result=result)
 
 
 def test_submit_uploads_inputs_records_queued_and_enqueues_json(client, store, s3):
