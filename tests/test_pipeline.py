@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from worker.inference.pipeline import InpaintCancelled, InpaintPipeline
+from worker.inference.pipeline import PHASES, InpaintCancelled, InpaintPipeline
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +99,20 @@ def test_callback_reports_every_step_and_can_cancel(pipe, scene):
     with pytest.raises(InpaintCancelled):
         _run(pipe, scene, num_inference_steps=4, callback=lambda step, total: calls.append(step) or step < 2)
     assert calls == [1, 2]
+
+
+def test_on_phase_reports_encoding_denoising_decoding_around_the_steps(pipe, scene):
+    seen = []
+    _run(pipe, scene, num_inference_steps=2, scheduler="ddim", on_phase=seen.append,
+         callback=lambda step, total: seen.append(step))
+    assert seen == ["encoding", "denoising", 1, 2, "decoding"]
+    assert tuple(name for name in seen if isinstance(name, str)) == PHASES
+
+
+def test_the_library_phases_are_the_services_middle_phases():
+    from api_client import state
+
+    assert PHASES == (state.ENCODING, state.DENOISING, state.DECODING)
 
 
 def test_strength_shortens_the_schedule(pipe, scene):

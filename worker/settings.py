@@ -14,6 +14,7 @@ from worker.inference.names import DTYPES, GRAPH_MODES, KERNEL_MODES, dtype_key
 
 __all__ = ["Settings", "redact_url"]
 
+LOG_FORMATS = ("json", "text")
 MAX_PRESIGN_EXPIRY_S = 7 * 24 * 3600  # S3's ceiling for SigV4 presigned URLs
 
 
@@ -85,6 +86,9 @@ class Settings(FleetSettings):
                                                  "512x512:50:pndm (empty = none)")
     log_level: str = _setting("INPAINT_LOG_LEVEL", "INFO", "worker log level",
                               choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    log_format: str = _setting("INPAINT_LOG_FORMAT", "json", "worker log lines, Celery's own included: json (one "
+                                                             "object per line) or text (one line for people)",
+                               choices=LOG_FORMATS)
 
     def __post_init__(self):
         check_fields(self, _normalized)

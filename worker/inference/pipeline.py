@@ -18,7 +18,11 @@ from worker.inference.model.loader import ModelComponents, load_components
 from worker.inference.names import MAX_SEED, SCHEDULERS
 from worker.inference.schedulers import make_sampler, scheduler_name_for_config
 
-__all__ = ["InpaintPipeline", "InpaintCancelled", "InpaintArgumentError", "SCHEDULERS"]
+__all__ = ["InpaintPipeline", "InpaintCancelled", "InpaintArgumentError", "SCHEDULERS", "PHASES"]
+
+# What `on_phase(name)` reports, in order: prompts and image to latents, the denoise loop (whose steps `callback`
+# reports), latents to pixels.
+PHASES = ("encoding", "denoising", "decoding")
 
 
 class InpaintArgumentError(ValueError):
@@ -75,7 +79,10 @@ class InpaintPipeline:
                  scheduler: str | None = None, seed=None, num_images_per_prompt: int = 1,
                  height: int | None = None, width: int | None = None, mask_blur: int = 0,
                  padding_mask_crop: int | None = None, keep_unmasked: bool = False,
-                 callback=None) -> list[Image.Image]:
+                 callback=None, on_phase=None) -> list[Image.Image]:
+        """See DESIGN §2. `callback(step, total)` follows the denoise loop (False cancels); `on_phase(name)`, if
+        given, is called as each of PHASES begins (it never waits for the device)."""
+        on_phase = on_phase or _no_phase
         _check_images(image, mask)
         _check_number("guidance_scale", guidance_scale, low=0.0)
         _check_int("mask_blur", mask_blur, low=0)
@@ -89,7 +96,9 @@ class InpaintPipeline:
             except ValueError as error:
                 raise InpaintArgumentError(str(error)) from None
         rgb = image.convert("RGB")
-        latents = self._denoise(request, rgb, mask, crop, float(guidance_scale), callback)
+        on_phase("encoding")
+        latents = self._denoise(request, rgb, mask, crop, float(guidance_scale), callback, on_phase)
+        on_phase("decoding")
         images = imaging.tensor_to_images(self.vae.decode(latents / self.vae.config.scaling_factor).float())
         if crop is not None or keep_unmasked:
             paste_mask = imaging.blur_mask(mask, mask_blur)
@@ -137,7 +146,7 @@ class InpaintPipeline:
         return height, width
 
     def _denoise(self, req: _Request, image: Image.Image, mask: Image.Image, crop, guidance: float,
-                 callback) -> torch.Tensor:
+                 callback, on_phase) -> torch.Tensor:
         sampler = req.sampler
         generators = [torch.Generator("cpu").manual_seed(s) for s in req.seeds]
         batch, guided = len(req.seeds), guidance > 1.0
@@ -174,6 +183,7 @@ class InpaintPipeline:
         inputs = DenoiseInputs(
             latents=latents, text=text, condition=condition, guidance_scale=guidance, step_noise=step_noise,
             blend=(image_latents, noise, mask_latents.expand(batch, -1, -1, -1)) if four_channel else None)
+        on_phase("denoising")
         return self.runner.run(sampler, inputs, req.begin, _as_user_steps(callback, req.steps_to_run))
 
     def _encode(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -210,6 +220,10 @@ class InpaintPipeline:
         blank = Image.new("RGB", (width, height), (127, 127, 127))
         self(["warm-up"] * batch, blank, Image.new("L", (width, height), 255), scheduler=scheduler,
              num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=0)
+
+
+def _no_phase(name: str) -> None:
+    pass
 
 
 def _as_user_steps(callback, steps: int):
