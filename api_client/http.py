@@ -42,7 +42,7 @@ def _seconds(iso_time: str | None) -> float | None:
 
 def job_status(job: dict) -> schema.JobStatus:
     """The JobStatus of an API job object (times back to seconds since the epoch)."""
-    return schema.JobStatus(job_id=job["id"], state=job["state"], step=job["step"], total_steps=job["total_steps"],
+    return schema.JobStatus(job_id=job["id"], state=job["state"], phase=job.get("phase") or "", step=job["step"], total_steps=job["total_steps"],
                             attempt=job["attempt"], created_at=_seconds(job["created_at"]),
                             started_at=_seconds(job["started_at"]), finished_at=_seconds(job["finished_at"]),
                             error=job["error"], result=job["result"])
