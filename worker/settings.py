@@ -15,7 +15,7 @@ __all__ = ["Settings", "redact_url"]
 
 GRAPH_MODES = ("auto", "on", "off")
 KERNEL_MODES = ("auto", "triton", "torch")
-DTYPE_NAMES = ("", "float16", "fp16", "bfloat16", "bf16", "float32", "fp32")
+DTYPE_NAMES = ("auto", "", "float16", "fp16", "bfloat16", "bf16", "float32", "fp32")
 MAX_PRESIGN_EXPIRY_S = 7 * 24 * 3600  # S3's ceiling for SigV4 presigned URLs
 
 
@@ -37,8 +37,9 @@ class Settings:
     model_cache_dir: str = _setting("INPAINT_MODEL_CACHE_DIR", "", "hub cache folder (empty = huggingface_hub's)")
     local_files_only: bool = _setting("INPAINT_LOCAL_FILES_ONLY", False, "never download the model, use the cache")
     device: str = _setting("INPAINT_DEVICE", "", "torch device (empty = cuda if available, else cpu)")
-    dtype: str = _setting("INPAINT_DTYPE", "", "float16, bfloat16 or float32 (empty = float16 on cuda, else "
-                                               "float32)", choices=DTYPE_NAMES)
+    dtype: str = _setting("INPAINT_DTYPE", "auto", "auto, float16, bfloat16 or float32 (auto: float16 on cuda, "
+                                                   "bfloat16 on a CPU with AMX or AVX-512 BF16, else float32)",
+                          choices=DTYPE_NAMES)
     cuda_graphs: str = _setting("INPAINT_CUDA_GRAPHS", "auto", "denoise loop as CUDA-graph replay: auto, on or off",
                                 choices=GRAPH_MODES)
     max_cuda_graphs: int = _setting("INPAINT_MAX_CUDA_GRAPHS", 8, "captured graphs kept (one per job shape)",
