@@ -236,7 +236,7 @@ def test_dtype_names_and_bad_values():
     cpu = torch.device("cpu")
     assert resolve_dtype("bf16", cpu) == torch.bfloat16
     assert resolve_dtype("Float32", cpu) == resolve_dtype(torch.float32, cpu) == torch.float32
-    with pytest.raises(ValueError, match="dtype must be auto, float16, bfloat16 or float32"):
+    with pytest.raises(ValueError, match="dtype must be one of auto, float16, bfloat16, float32"):
         resolve_dtype("int8", cpu)
 
 

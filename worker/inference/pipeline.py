@@ -15,11 +15,10 @@ from PIL import Image
 from worker.inference import imaging
 from worker.inference.denoise import DenoiseInputs, DenoiseRunner, InpaintCancelled
 from worker.inference.model.loader import ModelComponents, load_components
-from worker.inference.schedulers import SCHEDULERS, make_sampler, scheduler_name_for_config
+from worker.inference.names import MAX_SEED, SCHEDULERS
+from worker.inference.schedulers import make_sampler, scheduler_name_for_config
 
 __all__ = ["InpaintPipeline", "InpaintCancelled", "InpaintArgumentError", "SCHEDULERS"]
-
-MAX_SEED = 2**63 - 1
 
 
 class InpaintArgumentError(ValueError):

@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from worker.inference.model.text import TextEncoder
 from worker.inference.model.unet import UNet2DConditionModel, UNetConfig
 from worker.inference.model.vae import AutoencoderKL, VAEConfig
+from worker.inference.names import DTYPES, dtype_key
 
 log = logging.getLogger("inpaint.loader")
 
@@ -32,8 +33,6 @@ HUB_METADATA_PATTERNS = ["model_index.json", "*/config.json", "scheduler/*.json"
 # diffusers renames them on load, and so do we (only where the new name is a key the model expects).
 LEGACY_ATTENTION_KEY = re.compile(r"^(?P<block>.+)\.(?P<name>query|key|value|proj_attn)\.(?P<kind>weight|bias)$")
 LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
 # CPU flags (/proc/cpuinfo) of native bfloat16 arithmetic: AMX tiles or AVX-512 BF16 dot products.
 BFLOAT16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 CPUINFO = Path("/proc/cpuinfo")
@@ -93,15 +92,16 @@ def resolve_device(device) -> torch.device:
 
 
 def resolve_dtype(dtype, device: torch.device, cpuinfo: Path = CPUINFO) -> torch.dtype:
-    if dtype is None or (isinstance(dtype, str) and dtype.strip().lower() == "auto"):
+    if dtype is None or (isinstance(dtype, str) and dtype_key(dtype) == "auto"):
         if device.type == "cuda":
             return torch.float16
         return torch.bfloat16 if cpu_has_native_bfloat16(cpuinfo) else torch.float32
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+    if isinstance(dtype, torch.dtype) and str(dtype).removeprefix("torch.") in DTYPES.values():
         return dtype
-    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPES:
-        return DTYPES[dtype.lower().removeprefix("torch.")]
-    raise ValueError(f"dtype must be auto, float16, bfloat16 or float32 (or a torch dtype of those); got {dtype!r}")
+    if isinstance(dtype, str) and dtype_key(dtype) in DTYPES:
+        return getattr(torch, DTYPES[dtype_key(dtype)])
+    raise ValueError(f"dtype must be one of auto, float16, bfloat16, float32 (or a torch dtype of those); "
+                     f"got {dtype!r}")
 
 
 def cpu_has_native_bfloat16(cpuinfo: Path = CPUINFO) -> bool:
