@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_options(run)
     run.add_argument("--out", type=Path, required=True, help="output file; image i > 0 of several gets -i")
     run.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
-    run.add_argument("--dtype", help="float16, bfloat16 or float32 (default: float16 on cuda)")
+    run.add_argument("--dtype", help="auto, float16, bfloat16 or float32 (default auto: float16 on cuda, bfloat16 "
+                     "on a CPU with AMX or AVX-512 BF16, else float32)")
     run.set_defaults(handler=_run)
     add_keys_command(commands, common)
     return parser

@@ -164,3 +164,24 @@ def test_a_blurred_paste_back_around_a_crop_keeps_the_original_outside_the_box(p
     outside = np.ones(out.shape[:2], dtype=bool)
     outside[16:25, 20:30] = False  # the crop box: the mask's bounding box, padding 0
     assert np.abs(out[outside] - 200).max() <= 2  # premultiplied-alpha rounding only
+
+
+def _psnr(a, b) -> float:
+    mse = np.mean((_array(a).astype(np.float64) - _array(b)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def test_cpu_bfloat16_runs_channels_last_close_to_float32(pipe, scene, tiny_model_dir):
+    """The CPU levers of bfloat16 (NHWC conv weights) change the layout, not the picture; float32 stays NCHW,
+    the layout the parity tests compare bit for bit with diffusers."""
+    half = InpaintPipeline.from_pretrained(str(tiny_model_dir), device="cpu", dtype="bfloat16")
+    channels_last = torch.channels_last
+    assert half.unet.conv_in.weight.is_contiguous(memory_format=channels_last)
+    assert half.vae.decoder.conv_in.weight.is_contiguous(memory_format=channels_last)
+    assert not pipe.unet.conv_in.weight.is_contiguous(memory_format=channels_last)
+    job = dict(scheduler="dpmpp_2m_karras", num_inference_steps=4)
+    [fast] = _run(half, scene, **job)
+    assert _psnr(fast, _run(pipe, scene, **job)[0]) >= 30
+    for module in (half.unet, half.vae):  # the same bfloat16 weights in NCHW: the layout alone moves little
+        module.to(memory_format=torch.contiguous_format)
+    assert _psnr(fast, _run(half, scene, **job)[0]) >= 40
