@@ -180,7 +180,9 @@ class Job:
     mask: str
     prompt: str
     output: OutputSpec
-    negative_prompt: str = ""
+    # null = none given. SD1.5 models treat null and "" alike (as diffusers does); SDXL models with
+    # force_zeros_for_empty_prompt use zero negative embeddings for null and encode "" as text.
+    negative_prompt: str | None = None
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
     strength: float = 1.0
@@ -217,7 +219,7 @@ class Job:
         parse_s3_uri("image", self.image)
         parse_s3_uri("mask", self.mask)
         _check_type("prompt", self.prompt, str)
-        _check_type("negative_prompt", self.negative_prompt, str)
+        _check_type("negative_prompt", self.negative_prompt, str, nullable=True)
         _check_int("num_inference_steps", self.num_inference_steps, 1)
         _check_type("guidance_scale", self.guidance_scale, (int, float))
         if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
@@ -265,7 +267,7 @@ class Limits:
         checks = (("num_inference_steps", job.num_inference_steps, self.max_steps),
                   ("num_images", job.num_images, self.max_images),
                   ("prompt", len(job.prompt), self.max_prompt_chars),
-                  ("negative_prompt", len(job.negative_prompt), self.max_prompt_chars))
+                  ("negative_prompt", len(job.negative_prompt or ""), self.max_prompt_chars))
         for name, value, limit in checks:
             if value > limit:
                 unit = " characters" if "prompt" in name else ""

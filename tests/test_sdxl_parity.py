@@ -17,16 +17,17 @@ from worker.inference.model.tiny import sdxl_unet_config, vae_config, write_tiny
 from worker.inference.pipeline import InpaintPipeline  # noqa: E402
 from worker.inference.schedulers import SCHEDULERS  # noqa: E402
 
-# (UNet input channels, requires_aesthetics_score)
-VARIANTS = {"inpaint": (9, False), "plain": (4, False), "aesthetic": (9, True)}
+# (UNet input channels, requires_aesthetics_score, VAE downsampling)
+VARIANTS = {"inpaint": (9, False, 2), "plain": (4, False, 2), "aesthetic": (9, True, 2), "sd-vae": (9, False, 8)}
 
 
-def _save_diffusers_sdxl(folder, in_channels: int, aesthetic: bool):
+def _save_diffusers_sdxl(folder, in_channels: int, aesthetic: bool, vae_scale: int):
     """Our tiny SDXL folder (tokenizers, text encoders, scheduler) with diffusers-built UNet and VAE."""
-    write_tiny_model(folder, in_channels=in_channels, family="sdxl", requires_aesthetics_score=aesthetic)
+    write_tiny_model(folder, in_channels=in_channels, family="sdxl", requires_aesthetics_score=aesthetic,
+                     vae_scale=vae_scale)
     torch.manual_seed(1)
     unet = diffusers.UNet2DConditionModel.from_config(sdxl_unet_config(in_channels, aesthetic))
-    vae = diffusers.AutoencoderKL.from_config(vae_config(2, "sdxl"))
+    vae = diffusers.AutoencoderKL.from_config(vae_config(vae_scale, "sdxl"))
     unet.save_pretrained(folder / "unet", safe_serialization=True)
     vae.save_pretrained(folder / "vae", safe_serialization=True)
     return folder
@@ -113,8 +114,9 @@ def test_negative_prompt_none_is_empty_without_force_zeros(sdxl_models, tmp_path
 
 def test_batches_of_prompts_and_images_per_prompt_sdxl(sdxl_pipelines):
     _compare(sdxl_pipelines["inpaint"], "euler_a", prompt=["a red house", "a blue lake"], per_prompt=2,
-             negative_prompt=["blurry", "dark"])
-    _compare(sdxl_pipelines["inpaint"], "dpmpp_2m", prompt=["a red house", "a blue lake"], per_prompt=2)
+             negative_prompt=["blurry", "dark"], steps=3)
+    # negative_prompt None with a batch: the zeroed negatives sit in front of all four prompts' rows
+    _compare(sdxl_pipelines["inpaint"], "dpmpp_2m", prompt=["a red house", "a blue lake"], per_prompt=2, steps=3)
 
 
 def test_aesthetic_score_time_ids_match_diffusers(sdxl_pipelines):
@@ -125,8 +127,9 @@ def test_aesthetic_score_time_ids_match_diffusers(sdxl_pipelines):
 
 
 def test_odd_latent_sizes_and_non_square_sdxl(sdxl_pipelines):
-    # 42x38 pixels -> 21x19 latents; the time ids carry the processing size, (38, 42, 0, 0, 38, 42).
-    _compare(sdxl_pipelines["inpaint"], "euler", size=(42, 38))
+    # diffusers' SDXL pipeline wants multiples of 8: with SD's VAE factor, 72x56 pixels -> 9x7 latents, which the UNet
+    # upsamples back to its skips' odd sizes; the time ids carry the processing size, (56, 72, 0, 0, 56, 72).
+    _compare(sdxl_pipelines["sd-vae"], "euler", size=(72, 56), steps=3)
     _compare(sdxl_pipelines["plain"], "dpmpp_2m_karras", size=(64, 32), negative_prompt="blurry, low quality")
 
 
