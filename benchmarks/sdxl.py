@@ -53,19 +53,26 @@ def materialize(build, dtype: torch.dtype, seed: int, device="cpu") -> torch.nn.
     return module.eval().requires_grad_(False)
 
 
+def sharing(reference: torch.nn.Module, build) -> torch.nn.Module:
+    """`build()` (our module) on the meta device, then given `reference`'s very tensors: no copy, strict names."""
+    with torch.device("meta"):
+        module = build()
+    module.load_state_dict(reference.state_dict(), strict=True, assign=True)
+    return module.eval().requires_grad_(False)
+
+
 @torch.no_grad()
-def randomize_(module: torch.nn.Module, seed: int, gain: float = 0.5) -> None:
-    """Weights of standard deviation gain/sqrt(fan_in) (below 1, so that random residual branches don't amplify
-    rounding through 70 transformer layers), norm scales near 1, biases near 0; position ids (the only buffers these
-    models have: CLIP's) as the initialiser sets them."""
+def randomize_(module: torch.nn.Module, seed: int) -> None:
+    """Weights of variance 1/fan_in (activations keep their scale), norm scales near 1, biases near 0; position ids
+    (the only buffers these models have: CLIP's) as the initialiser sets them."""
     gen = torch.Generator().manual_seed(seed)
     pool = torch.randn(POOL_SIZE, generator=gen)
     for name, param in module.named_parameters():
-        param.copy_(_window(pool, param.numel(), gen).view(param.shape))  # in place, in the parameter's dtype
+        noise = _window(pool, param.numel(), gen).view(param.shape)
         if param.ndim == 1:
-            param.mul_(0.02).add_(1.0 if name.endswith("weight") else 0.0)
+            param.copy_((1.0 if name.endswith("weight") else 0.0) + 0.02 * noise)
         else:
-            param.mul_(gain / param[0].numel() ** 0.5)
+            param.copy_(noise / param[0].numel() ** 0.5)
     for name, buffer in module.named_buffers():
         if not name.endswith("position_ids"):
             raise ValueError(f"randomize_: no rule for buffer {name}")
@@ -76,3 +83,60 @@ def _window(pool: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
     offset = int(torch.randint(pool.numel(), (), generator=gen))
     return pool.repeat(-(-(offset + n) // pool.numel()))[offset:offset + n] if offset + n > pool.numel() \
         else pool[offset:offset + n]
+
+
+def shared_pipelines(folder, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+    """(our InpaintPipeline, diffusers' StableDiffusionXLInpaintPipeline) on one copy of random full-size weights.
+
+    `folder` receives the tiny model's tokenizers and scheduler config (real tokenizers need a download). The VAE's
+    force_upcast is off here so both sides run it in `dtype` on the same tensors.
+    """
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from worker.inference.model.loader import ModelComponents, ModelFamily
+    from worker.inference.model.text import DualTextEncoder, TextEncoder
+    from worker.inference.model.tiny import SDXL_SCHEDULER_CONFIG, write_tiny_model
+    from worker.inference.model.unet import UNet2DConditionModel, UNetConfig
+    from worker.inference.model.vae import AutoencoderKL, VAEConfig
+    from worker.inference.pipeline import InpaintPipeline
+
+    folder = write_tiny_model(folder, family="sdxl")
+    vae_config = VAE | {"force_upcast": False}
+    theirs = diffusers.StableDiffusionXLInpaintPipeline(
+        vae=materialize(lambda: diffusers.AutoencoderKL.from_config(vae_config), dtype, seed),
+        text_encoder=materialize(lambda: CLIPTextModel(CLIPTextConfig(**TEXT)), dtype, seed + 1),
+        text_encoder_2=materialize(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_2)), dtype, seed + 2),
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
+        unet=materialize(lambda: diffusers.UNet2DConditionModel.from_config(UNET), dtype, seed + 3),
+        scheduler=diffusers.EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG), add_watermarker=False)
+    theirs.set_progress_bar_config(disable=True)
+    text = DualTextEncoder(TextEncoder(theirs.text_encoder, theirs.tokenizer, penultimate=True),
+                           TextEncoder(theirs.text_encoder_2, theirs.tokenizer_2, penultimate=True))
+    components = ModelComponents(
+        unet=sharing(theirs.unet, lambda: UNet2DConditionModel(UNetConfig.from_dict(UNET))),
+        vae=sharing(theirs.vae, lambda: AutoencoderKL(VAEConfig.from_dict(vae_config))),
+        text_encoder=text, scheduler_config=SDXL_SCHEDULER_CONFIG, path=folder, device=torch.device("cpu"),
+        dtype=dtype, family=ModelFamily("sdxl", force_zeros_for_empty_prompt=True))
+    return InpaintPipeline(components), theirs
+
+
+def write_sdxl_random(folder, dtype: torch.dtype = torch.float16, seed: int = 0):
+    """The tiny SDXL model's tokenizers and scheduler with full-size random UNet, VAE and text encoders, saved in
+    the diffusers layout in `dtype` (5.2 GB in float16), for the GPU pipeline benchmark."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from worker.inference.model.tiny import write_tiny_model
+
+    folder = write_tiny_model(folder, family="sdxl")
+    builds = {"unet": lambda: diffusers.UNet2DConditionModel.from_config(UNET),
+              "vae": lambda: diffusers.AutoencoderKL.from_config(VAE),
+              "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**TEXT)),
+              "text_encoder_2": lambda: CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_2))}
+    for offset, (name, build) in enumerate(builds.items()):
+        module = materialize(build, dtype, seed + offset)
+        module.save_pretrained(folder / name, safe_serialization=True)
+        del module  # one full-size module in memory at a time
+    return folder
