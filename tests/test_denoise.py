@@ -149,7 +149,6 @@ def test_the_step_never_reads_a_tensor_back_to_the_host(pipe, scheduler, channel
     # or it could not be captured in a CUDA graph.
     from worker.inference.denoise import DenoiseInputs
     from worker.inference.model.unet import UNet2DConditionModel, UNetConfig
-    from worker.inference.schedulers import make_sampler
 
     config = UNetConfig.from_dict({**pipe.unet.config.__dict__, "in_channels": channels})
     with torch.device("meta"):
@@ -161,12 +160,19 @@ def test_the_step_never_reads_a_tensor_back_to_the_host(pipe, scheduler, channel
             step_noise=torch.empty(5, 2, 4, 8, 8) if scheduler in ("euler_a", "ddpm") else None,
             blend=(torch.empty(2, 4, 8, 8), torch.empty(2, 4, 8, 8), torch.empty(2, 1, 8, 8)) if channels == 4
             else None)
-    sampler = make_sampler(scheduler, pipe.scheduler_config, 4, "meta")
-    sampler.reset(latents, 0)
+    assert two_steps_on_meta(unet, scheduler, pipe.scheduler_config, inputs).shape == (2, 4, 8, 8)
+
+
+def two_steps_on_meta(unet, scheduler: str, scheduler_config: dict, inputs) -> torch.Tensor:
+    """Two denoise steps on the meta device, where any host read of a tensor raises; the final latents."""
+    from worker.inference.schedulers import make_sampler
+
+    sampler = make_sampler(scheduler, scheduler_config, 4, "meta")
+    sampler.reset(inputs.latents, 0)
     state = StepState(inputs)
     for _ in range(2):
         denoise_step(unet, sampler, state)
-    assert state.latents.shape == (2, 4, 8, 8)
+    return state.latents
 
 
 def test_release_memory_drops_the_graphs_and_the_next_job_captures_again(pipe, scene):
@@ -254,7 +260,6 @@ def test_sdxl_time_ids_are_refilled_at_replay(sdxl_pipe):
 def test_the_sdxl_step_never_reads_a_tensor_back_to_the_host(sdxl_pipe, scheduler):
     from worker.inference.denoise import DenoiseInputs
     from worker.inference.model.unet import UNet2DConditionModel
-    from worker.inference.schedulers import make_sampler
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(sdxl_pipe.unet.config)
@@ -263,9 +268,4 @@ def test_the_sdxl_step_never_reads_a_tensor_back_to_the_host(sdxl_pipe, schedule
             latents=latents, text=torch.empty(4, 77, 64), guidance_scale=7.5, condition=torch.empty(4, 5, 8, 8),
             step_noise=torch.empty(5, 2, 4, 8, 8) if scheduler in ("euler_a", "ddpm") else None, blend=None,
             text_embeds=torch.empty(4, 32), time_ids=torch.empty(4, 6))
-    sampler = make_sampler(scheduler, sdxl_pipe.scheduler_config, 4, "meta")
-    sampler.reset(latents, 0)
-    state = StepState(inputs)
-    for _ in range(2):
-        denoise_step(unet, sampler, state)
-    assert state.latents.shape == (2, 4, 8, 8)
+    assert two_steps_on_meta(unet, scheduler, sdxl_pipe.scheduler_config, inputs).shape == (2, 4, 8, 8)

@@ -184,11 +184,15 @@ def test_sd15_vae_builds_on_meta_with_diffusers_names():
     assert ours.scale_factor == 8 and config.scaling_factor == 0.18215
 
 
-def test_sdxl_inpainting_unet_builds_on_meta_with_diffusers_names():
-    config = UNetConfig.from_dict(sdxl.UNET)
+def built_on_meta(model_cls, config_cls, reference_cls, config: dict):
+    """(ours, diffusers', our config) for a diffusers config dict, on the meta device: no memory, no init."""
+    ours_config = config_cls.from_dict(config)
     with torch.device("meta"):
-        ours = UNet2DConditionModel(config)
-        reference = DiffusersUNet.from_config(sdxl.UNET)
+        return model_cls(ours_config), reference_cls.from_config(config), ours_config
+
+
+def test_sdxl_inpainting_unet_builds_on_meta_with_diffusers_names():
+    ours, reference, config = built_on_meta(UNet2DConditionModel, UNetConfig, DiffusersUNet, sdxl.UNET)
     assert shapes(ours) == shapes(reference)
     params = sum(p.numel() for p in ours.parameters())
     assert params == sum(p.numel() for p in reference.parameters()) == sdxl.UNET_PARAMETERS
@@ -198,10 +202,7 @@ def test_sdxl_inpainting_unet_builds_on_meta_with_diffusers_names():
 
 
 def test_sdxl_vae_builds_on_meta_with_diffusers_names():
-    config = VAEConfig.from_dict(sdxl.VAE)
-    with torch.device("meta"):
-        ours = AutoencoderKL(config)
-        reference = DiffusersVAE.from_config(sdxl.VAE)
+    ours, reference, config = built_on_meta(AutoencoderKL, VAEConfig, DiffusersVAE, sdxl.VAE)
     assert shapes(ours) == shapes(reference)
     assert config.scaling_factor == 0.13025 and config.force_upcast is True
 

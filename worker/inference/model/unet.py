@@ -445,7 +445,7 @@ class UNet2DConditionModel(nn.Module):
                              f"= {in_dim}")
 
     def _add_embedding(self, text_embeds: torch.Tensor, time_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """SDXL: the pooled text embedding and the sinusoidal time ids, embedded like a timestep: (B, time_embed_dim)."""
+        """SDXL: the pooled text embedding and the sinusoidal time ids, embedded as a timestep: (B, time_embed_dim)."""
         time_embeds = self.add_time_proj(time_ids.flatten()).reshape(text_embeds.shape[0], -1)  # (B, T * dim)
         return self.add_embedding(torch.cat([text_embeds, time_embeds], dim=-1).to(dtype))
 
