@@ -4,7 +4,6 @@ Every command takes `--json` for scripts. Exit codes: 0 ok, 1 the job failed or 
 not be reached), 2 a usage or input error.
 """
 import argparse
-import importlib
 import json
 import sys
 from dataclasses import asdict
@@ -199,18 +198,25 @@ def _fetch(args) -> int:
 
 
 def _run(args) -> int:
+    # The one import of the worker side (and torch) in api_client: only `inpaint run` needs it, so it happens here.
     try:
-        local_run = importlib.import_module("worker.local_run")
-        loader = importlib.import_module("worker.inference.model.loader")
+        from worker import local_run
+        from worker.inference.model.loader import ModelLoadError
     except ImportError as error:
         raise UsageError(f"run: the in-process runner needs the worker extra (pip install 'inpaint-fleet[worker]'): "
                          f"{error}") from None
+    display = None if args.json else ProgressDisplay(sys.stderr)
+    progress = None if display is None else (lambda step, total: display.update(step, total, "running"))
     try:
-        files = local_run.run_local(args)
+        files = local_run.run_local(args.model, args.image, args.mask, args.prompt, args.out, job_options(args),
+                                    device=args.device, dtype=args.dtype, progress=progress)
     except UnidentifiedImageError as error:  # PIL's error for an --image or --mask that is no image
         raise UsageError(f"run: {error}") from None
-    except loader.ModelLoadError as error:
+    except ModelLoadError as error:
         raise CommandFailed(error.code, f"run: {error}") from None
+    finally:
+        if display is not None:
+            display.close()
     _print(args, {"files": [str(f) for f in files]}, "\n".join(map(str, files)))
     return EXIT_OK
 

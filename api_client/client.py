@@ -19,7 +19,7 @@ import redis.asyncio
 from celery import Celery
 from PIL import Image, UnidentifiedImageError
 
-from api_client import schema
+from api_client import schema, state
 from api_client.s3 import s3_client
 from api_client.schema import redact_url
 
@@ -34,39 +34,6 @@ EVENT_BLOCK_MS = 1000
 # Publishing retries briefly, then raises: a caller must learn that the job was not enqueued.
 PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.5}
 
-# The client's two state writes, each one atomic script that updates the job's hash and appends its event to both
-# streams (DESIGN §4), in the same shape as the worker's writes. KEYS: job hash, job stream, shared stream, cancel
-# flag. ARGV: ttl seconds, shared stream cap, n, then n hash field/value pairs, then the event's field/value pairs.
-_WRITE_PRELUDE = """
-local ttl, cap, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local function write_and_emit()
-  local state, event = {}, {}
-  for i = 4, 3 + 2 * n do state[#state + 1] = ARGV[i] end
-  for i = 4 + 2 * n, #ARGV do event[#event + 1] = ARGV[i] end
-  redis.call('HSET', KEYS[1], unpack(state))
-  redis.call('EXPIRE', KEYS[1], ttl)
-  redis.call('XADD', KEYS[2], '*', unpack(event))
-  redis.call('EXPIRE', KEYS[2], ttl)
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', cap, '*', unpack(event))
-end
-"""
-# Only a job without a hash becomes `queued`: a duplicate submit of a job_id neither overwrites the state of a job
-# that ran nor enqueues it again.
-CREATE_QUEUED_SCRIPT = _WRITE_PRELUDE + """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-write_and_emit()
-return 1
-"""
-# Sets the cancel flag (a running job stops at its next step); a job still `queued` ends `canceled` at once, in
-# the same step, so a worker that claims it later finds it final and skips it.
-CANCEL_SCRIPT = _WRITE_PRELUDE + """
-redis.call('SET', KEYS[4], '1', 'EX', ttl)
-if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return 0 end
-write_and_emit()
-return 1
-"""
-
-
 class EnqueueError(RuntimeError):
     """The job could not be put on the queue; nothing of it is left behind, so the same job_id may be resubmitted."""
 
@@ -78,8 +45,8 @@ class ClientConfig:
     s3_endpoint_url: str | None = None    # None: AWS
     bucket: str | None = None
     queue: str = DEFAULT_QUEUE
-    state_ttl_s: int = schema.STATE_TTL_SECONDS
-    events_maxlen: int = schema.EVENTS_STREAM_MAXLEN
+    state_ttl_s: int = state.STATE_TTL_SECONDS
+    events_maxlen: int = state.EVENTS_STREAM_MAXLEN
 
     @classmethod
     def from_env(cls, environ=None) -> "ClientConfig":
@@ -90,8 +57,8 @@ class ClientConfig:
                    s3_endpoint_url=env.get("INPAINT_S3_ENDPOINT_URL") or None,
                    bucket=env.get("INPAINT_BUCKET") or None,
                    queue=env.get("INPAINT_QUEUE") or DEFAULT_QUEUE,
-                   state_ttl_s=_int_variable(env, "INPAINT_STATE_TTL_S", schema.STATE_TTL_SECONDS),
-                   events_maxlen=_int_variable(env, "INPAINT_EVENTS_MAXLEN", schema.EVENTS_STREAM_MAXLEN))
+                   state_ttl_s=_int_variable(env, "INPAINT_STATE_TTL_S", state.STATE_TTL_SECONDS),
+                   events_maxlen=_int_variable(env, "INPAINT_EVENTS_MAXLEN", state.EVENTS_STREAM_MAXLEN))
 
 
 @dataclass(frozen=True)
@@ -115,14 +82,13 @@ class _ClientCore:
 
     def __init__(self, broker_url: str = DEFAULT_BROKER_URL, state_url: str | None = None,
                  s3_endpoint_url: str | None = None, bucket: str | None = None, queue: str = DEFAULT_QUEUE,
-                 state_ttl_s: int = schema.STATE_TTL_SECONDS, events_maxlen: int = schema.EVENTS_STREAM_MAXLEN):
+                 state_ttl_s: int = state.STATE_TTL_SECONDS, events_maxlen: int = state.EVENTS_STREAM_MAXLEN):
         self.config = ClientConfig(broker_url, state_url, s3_endpoint_url, bucket, queue, state_ttl_s,
                                    events_maxlen)
         self._s3 = s3_client(s3_endpoint_url)
         self._celery = _celery_app(broker_url)
         self._redis = self._redis_class.from_url(state_url or broker_url, decode_responses=True)
-        self._create_queued = self._redis.register_script(CREATE_QUEUED_SCRIPT)
-        self._cancel = self._redis.register_script(CANCEL_SCRIPT)
+        self._scripts = state.Scripts(self._redis, state_ttl_s, events_maxlen)
         # Image and mask go up side by side: against a remote S3 each PUT is a round trip.
         self._uploader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="inpaint-upload")
 
@@ -175,24 +141,19 @@ class _ClientCore:
     def _revoke(self, job_id: str) -> None:
         self._celery.control.revoke(job_id)
 
-    def _script_call(self, job_id: str, state: dict, event: dict) -> dict:
-        """Keyword arguments of a CREATE_QUEUED_SCRIPT / CANCEL_SCRIPT call."""
-        keys = [schema.job_key(job_id), schema.job_events_key(job_id), schema.EVENTS_STREAM,
-                schema.cancel_key(job_id)]
-        args = [self.config.state_ttl_s, self.config.events_maxlen, len(state)]
-        args += [item for pair in (*state.items(), *event.items()) for item in pair]
-        return {"keys": keys, "args": args}
+    def _create_queued(self, job: dict):
+        """Record the job as queued (the CREATE_QUEUED script; an awaitable on the asyncio client)."""
+        return self._scripts.run_job(state.CREATE_QUEUED, job["job_id"], json.dumps(job, sort_keys=True))
 
-    def _queued_call(self, job: dict) -> dict:
-        event = schema.event_fields(job["job_id"], schema.EVENT_STATE, schema.QUEUED)
-        return self._script_call(job["job_id"], schema.queued_state_fields(job), event)
-
-    def _cancel_call(self, job_id: str) -> dict:
-        now = time.time()
+    def _cancel(self, job_id: str):
+        """Set the cancel flag, end a queued job (the CANCEL script; an awaitable on the asyncio client)."""
         error = {"code": schema.CANCELED_ERROR, "message": "canceled by the client before it started"}
-        state = {"state": schema.CANCELED, "finished_at": repr(now), "error": json.dumps(error)}
-        event = schema.event_fields(job_id, schema.EVENT_STATE, schema.CANCELED, data={"error": error}, ts=now)
-        return self._script_call(job_id, state, event)
+        return self._scripts.run_job(state.CANCEL, job_id, json.dumps(error), extra_keys=[state.cancel_key(job_id)])
+
+    @staticmethod
+    def _queued_keys(job_id: str) -> tuple[str, str]:
+        """What a submit whose task could not be sent takes back: the job's hash and stream."""
+        return state.job_key(job_id), state.job_events_key(job_id)
 
     def _images(self, status: schema.JobStatus) -> list[tuple[str, str]]:
         if status.state != schema.SUCCEEDED:
@@ -238,24 +199,23 @@ class InpaintClient(_ClientCore):
         """
         submission = self._prepare(image, mask, prompt, job_options)
         job = submission.job
-        if self._redis.exists(schema.job_key(job["job_id"])):
+        if self._redis.exists(state.job_key(job["job_id"])):
             return job["job_id"]
         list(self._uploader.map(self._upload, submission.uploads))
-        call = self._queued_call(job)
-        if self._create_queued(**call):
+        if self._create_queued(job):
             try:
                 self._send(job)
             except EnqueueError:
-                self._redis.delete(*call["keys"][:2])
+                self._redis.delete(*self._queued_keys(job["job_id"]))
                 raise
         return job["job_id"]
 
     def status(self, job_id: str) -> schema.JobStatus:
         """The job's state; `expired` when its hash is gone (or it never existed)."""
-        return schema.JobStatus.from_hash(job_id, self._redis.hgetall(schema.job_key(job_id)))
+        return schema.JobStatus.from_hash(job_id, self._redis.hgetall(state.job_key(job_id)))
 
     def events(self, job_id: str, timeout: float | None = None):
-        """Yield the job's events (schema.parse_event dicts) from its first; ends after a final state, or when
+        """Yield the job's events (state.parse_event dicts) from its first; ends after a final state, or when
         the job's hash is gone.
 
         Raises TimeoutError when `timeout` seconds pass first.
@@ -285,7 +245,7 @@ class InpaintClient(_ClientCore):
 
     def cancel(self, job_id: str) -> None:
         """Set the job's cancel flag (read between denoise steps), end it now if still queued, revoke the task."""
-        self._cancel(**self._cancel_call(job_id))
+        self._cancel(job_id)
         self._revoke(job_id)
 
 
@@ -308,21 +268,20 @@ class AsyncInpaintClient(_ClientCore):
     async def submit(self, image, mask, prompt: str, **job_options) -> str:
         submission = await asyncio.to_thread(self._prepare, image, mask, prompt, job_options)
         job = submission.job
-        if await self._redis.exists(schema.job_key(job["job_id"])):
+        if await self._redis.exists(state.job_key(job["job_id"])):
             return job["job_id"]
         loop = asyncio.get_running_loop()
         await asyncio.gather(*(loop.run_in_executor(self._uploader, self._upload, u) for u in submission.uploads))
-        call = self._queued_call(job)
-        if await self._create_queued(**call):
+        if await self._create_queued(job):
             try:
                 await asyncio.to_thread(self._send, job)
             except EnqueueError:
-                await self._redis.delete(*call["keys"][:2])
+                await self._redis.delete(*self._queued_keys(job["job_id"]))
                 raise
         return job["job_id"]
 
     async def status(self, job_id: str) -> schema.JobStatus:
-        return schema.JobStatus.from_hash(job_id, await self._redis.hgetall(schema.job_key(job_id)))
+        return schema.JobStatus.from_hash(job_id, await self._redis.hgetall(state.job_key(job_id)))
 
     async def events(self, job_id: str, timeout: float | None = None):
         reader = _EventReader(job_id, timeout)
@@ -348,7 +307,7 @@ class AsyncInpaintClient(_ClientCore):
         return list(await asyncio.gather(*(asyncio.to_thread(self._save, b, k, folder) for b, k in locations)))
 
     async def cancel(self, job_id: str) -> None:
-        await self._cancel(**self._cancel_call(job_id))
+        await self._cancel(job_id)
         await asyncio.to_thread(self._revoke, job_id)
 
 
@@ -358,7 +317,7 @@ class _EventReader:
     def __init__(self, job_id: str, timeout: float | None):
         self.job_id = job_id
         self.deadline = None if timeout is None else time.monotonic() + timeout
-        self.stream, self.last_id = schema.job_events_key(job_id), "0-0"
+        self.stream, self.last_id = state.job_events_key(job_id), "0-0"
         self.done = False
 
     @property
@@ -379,7 +338,7 @@ class _EventReader:
         events = []
         for entry_id, fields_ in (reply[0][1] if reply else []):
             self.last_id = entry_id
-            events.append(schema.parse_event(fields_))
+            events.append(state.parse_event(fields_))
             if events[-1]["state"] in schema.FINAL_STATES:
                 self.done = True
                 break

@@ -10,10 +10,7 @@ Public names:
 - States `QUEUED`, `RUNNING`, `SUCCEEDED`, `FAILED`, `CANCELED`, `EXPIRED` (the hash is gone); `STATES`,
   `FINAL_STATES`. A state only moves forward: queued -> running -> one final state.
 - `JobStatus` (dataclass) with `JobStatus.from_hash(job_id, mapping)`.
-- Redis names: `job_key(id)`, `job_events_key(id)`, `cancel_key(id)`, `EVENTS_STREAM`; `TASK_NAME`;
-  defaults `STATE_TTL_SECONDS`, `EVENTS_STREAM_MAXLEN`.
-- Events: `EVENT_STATE`, `EVENT_PROGRESS`, `event_fields(...)` (the flat stream fields), `parse_event(fields)`;
-  `queued_state_fields(job_dict)` (the hash a submit creates).
+- `TASK_NAME` (the Celery task). Redis key names, events and the state scripts are in api_client.state.
 - `SCHEDULERS`, `OUTPUT_FORMATS`, `CONTENT_TYPES`, `parse_s3_uri(name, uri) -> (bucket, key)`, `is_job_id(s)`;
   bounds `MAX_SEED` (image i uses seed + i, at most MAX_SEED), `MAX_PRIORITY`, `SIZE_MULTIPLE`.
 - `INPUT_FORMATS` (PIL format name -> extension, the images workers decode); `redact_url(url)` (password
@@ -22,15 +19,11 @@ Public names:
 import json
 import math
 import re
-import time
 import uuid
 from dataclasses import asdict, dataclass, fields
 from urllib.parse import urlparse
 
 TASK_NAME = "inpaint.run"
-EVENTS_STREAM = "inpaint:events"
-STATE_TTL_SECONDS = 7 * 24 * 3600
-EVENTS_STREAM_MAXLEN = 100_000
 
 SCHEDULERS = ("pndm", "ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras")
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
@@ -40,8 +33,6 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED, EXPIRED = (
     "queued", "running", "succeeded", "failed", "canceled", "expired")
 STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED)
 FINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELED})
-
-EVENT_STATE, EVENT_PROGRESS = "state", "progress"
 
 INVALID_INPUT = "invalid_input"
 INPUT_NOT_FOUND = "input_not_found"
@@ -82,18 +73,6 @@ class JobError(ValueError):
 
 def _invalid(message: str) -> JobError:
     return JobError(INVALID_INPUT, message)
-
-
-def job_key(job_id: str) -> str:
-    return f"inpaint:job:{job_id}"
-
-
-def job_events_key(job_id: str) -> str:
-    return f"inpaint:events:{job_id}"
-
-
-def cancel_key(job_id: str) -> str:
-    return f"inpaint:cancel:{job_id}"
 
 
 def is_job_id(value) -> bool:
@@ -324,27 +303,6 @@ class JobStatus:
     @property
     def final(self) -> bool:
         return self.state in FINAL_STATES
-
-
-def queued_state_fields(job: dict, now: float | None = None) -> dict:
-    """The state hash a submit creates. `job` holds the job's JSON so a watchdog can enqueue it again."""
-    return {"job_id": job["job_id"], "state": QUEUED, "step": "0", "total_steps": "0", "attempt": "0",
-            "created_at": repr(time.time() if now is None else now), "job": json.dumps(job, sort_keys=True)}
-
-
-def event_fields(job_id: str, type: str, state: str, step: int = 0, total_steps: int = 0, data=None,
-                 ts: float | None = None) -> dict:
-    """One event as the flat string fields of both streams (DESIGN §4); `data` is JSON (an object, {} if none)."""
-    return {"job_id": job_id, "type": type, "state": state, "step": str(step), "total_steps": str(total_steps),
-            "ts": repr(time.time() if ts is None else ts), "data": json.dumps(data or {}, sort_keys=True)}
-
-
-def parse_event(entry_fields: dict) -> dict:
-    """A stream entry's fields back as Python values: step/total_steps int, ts float, data a dict."""
-    values = {_text(k): _text(v) for k, v in entry_fields.items()}
-    return {"job_id": values.get("job_id", ""), "type": values.get("type", ""), "state": values.get("state", ""),
-            "step": int(values.get("step") or 0), "total_steps": int(values.get("total_steps") or 0),
-            "ts": float(values.get("ts") or 0.0), "data": json.loads(values.get("data") or "{}")}
 
 
 # The image formats workers decode, as PIL names them, with the file extension each is stored under.

@@ -23,20 +23,20 @@ import os
 
 import torch
 
+from worker.inference.names import KERNEL_MODES
+
 from . import attention as _attention_module
 from . import group_norm as _group_norm_module
 from .attention import attention_ref
 from .group_norm import group_norm_ref
-
-_MODES = ("auto", "triton", "torch")
 TRITON_AVAILABLE = _attention_module.triton is not None
 
 
 @functools.lru_cache(maxsize=None)
 def _parse_mode(raw: str) -> str:
     mode = raw.strip().lower() or "auto"
-    if mode not in _MODES:
-        raise ValueError(f"INPAINT_KERNELS={raw!r}: expected one of {', '.join(_MODES)}")
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"INPAINT_KERNELS={raw!r}: expected one of {', '.join(KERNEL_MODES)}")
     return mode
 
 

@@ -1,5 +1,5 @@
-"""api_client.client against a real redis-server and a moto S3 server (worker.devstack); no Celery worker runs here,
-so the tests read what the client left on the queue and play the worker's part through the schema's helpers."""
+"""api_client.client against a real redis-server and a moto S3 server (tests.devstack); no Celery worker runs here,
+so the tests read what the client left on the queue and play the worker's part through its state store."""
 import asyncio
 import base64
 import io
@@ -14,9 +14,10 @@ import pytest
 import redis
 from PIL import Image
 
-from api_client import schema
+from api_client import schema, state
 from api_client.client import AsyncInpaintClient, ClientConfig, EnqueueError, InpaintClient
 from tests import devstack
+from worker.events import JobStore
 
 BUCKET = "client-tests"
 QUEUE = "inpaint-client-tests"
@@ -90,11 +91,9 @@ def task_args(message: dict) -> list:
     return args
 
 
-def finish(store, job_id: str, state: str, **extra) -> None:
-    """Play the worker: write a final state and its event the way the schema describes them."""
-    data = {name: json.dumps(value) for name, value in extra.items()}
-    store.hset(schema.job_key(job_id), mapping={"state": state, **data})
-    store.xadd(schema.job_events_key(job_id), schema.event_fields(job_id, schema.EVENT_STATE, state, data=extra))
+def finish(store, job_id: str, final_state: str, result: dict | None = None, error: dict | None = None) -> None:
+    """Play the worker: write a final state and its event through the worker's state store."""
+    assert JobStore(store).finish(job_id, final_state, error=error, result=result)
 
 
 def test_submit_uploads_inputs_records_queued_and_enqueues_json(client, store, s3):
@@ -118,11 +117,11 @@ def test_submit_uploads_inputs_records_queued_and_enqueues_json(client, store, s
 
     status = client.status(job_id)
     assert (status.state, status.step, status.attempt) == (schema.QUEUED, 0, 0)
-    assert json.loads(store.hget(schema.job_key(job_id), "job")) == job
-    assert 0 < store.ttl(schema.job_key(job_id)) <= schema.STATE_TTL_SECONDS
-    [(_, event)] = store.xrange(schema.job_events_key(job_id))
-    assert schema.parse_event(event)["state"] == schema.QUEUED
-    assert store.xlen(schema.EVENTS_STREAM) == 1
+    assert json.loads(store.hget(state.job_key(job_id), "job")) == job
+    assert 0 < store.ttl(state.job_key(job_id)) <= state.STATE_TTL_SECONDS
+    [(_, event)] = store.xrange(state.job_events_key(job_id))
+    assert state.parse_event(event)["state"] == schema.QUEUED
+    assert store.xlen(state.EVENTS_STREAM) == 1
 
 
 def test_duplicate_submit_does_not_enqueue_again(client, store, tmp_path):
@@ -180,7 +179,7 @@ def test_failed_enqueue_raises_and_leaves_the_job_resubmittable(services, store,
         with pytest.raises(EnqueueError, match="could not send job"):
             offline.submit(picture(), picture(), "p", job_id=job_id)
     assert offline.config.state_url == services[0].url
-    assert not store.exists(schema.job_key(job_id))
+    assert not store.exists(state.job_key(job_id))
     assert client.submit(picture(), picture(), "p", job_id=job_id) == job_id
     assert len(queued_messages(store)) == 1
 
@@ -194,22 +193,26 @@ def test_unknown_job_is_expired_and_has_no_events(client):
 
 def test_events_and_wait_follow_the_stream_to_the_final_state(client, store):
     job_id = client.submit(picture(), picture(), "p")
-    stream = schema.job_events_key(job_id)
+    worker_store = JobStore(store)
+    attempt = worker_store.claim(job_id, "w1", lease_s=60, job=None).attempt
     for step in (1, 2):
-        store.xadd(stream, schema.event_fields(job_id, schema.EVENT_PROGRESS, schema.RUNNING, step, 2))
+        assert worker_store.progress(job_id, attempt, step, 2)
     finish(store, job_id, schema.SUCCEEDED, result={"images": []})
-    store.xadd(stream, schema.event_fields(job_id, schema.EVENT_PROGRESS, schema.RUNNING, 9, 9))  # after the end
+    stream = state.job_events_key(job_id)
+    first_progress = store.xrange(stream)[2][1]
+    store.xadd(stream, first_progress)  # appended after the end: not read
 
     events = list(client.events(job_id, timeout=5))
-    assert [(e["state"], e["step"]) for e in events] == [
-        ("queued", 0), ("running", 1), ("running", 2), ("succeeded", 0)]
+    assert [(e["type"], e["state"], e["step"]) for e in events] == [
+        ("state", "queued", 0), ("state", "running", 0), ("progress", "running", 1), ("progress", "running", 2),
+        ("state", "succeeded", 2)]
     assert events[-1]["data"] == {"result": {"images": []}}
     assert client.wait(job_id, timeout=5).state == schema.SUCCEEDED
 
 
 def test_events_end_when_the_hash_is_final_but_the_stream_lacks_the_end(client, store):
     job_id = client.submit(picture(), picture(), "p")
-    store.hset(schema.job_key(job_id), "state", schema.FAILED)
+    store.hset(state.job_key(job_id), "state", schema.FAILED)
     assert [e["state"] for e in client.events(job_id, timeout=5)] == [schema.QUEUED]
 
 
@@ -242,7 +245,7 @@ def test_fetch_of_an_unfinished_job_says_so(client):
 def test_cancel_of_a_queued_job_ends_it_at_once(client, store):
     job_id = client.submit(picture(), picture(), "p")
     client.cancel(job_id)
-    assert store.exists(schema.cancel_key(job_id))
+    assert store.exists(state.cancel_key(job_id))
     status = client.wait(job_id, timeout=5)
     assert status.state == schema.CANCELED
     assert status.error["code"] == schema.CANCELED_ERROR
@@ -250,9 +253,9 @@ def test_cancel_of_a_queued_job_ends_it_at_once(client, store):
 
 def test_cancel_of_a_running_job_only_sets_the_flag(client, store):
     job_id = client.submit(picture(), picture(), "p")
-    store.hset(schema.job_key(job_id), "state", schema.RUNNING)
+    store.hset(state.job_key(job_id), "state", schema.RUNNING)
     client.cancel(job_id)
-    assert store.get(schema.cancel_key(job_id)) == "1"
+    assert store.get(state.cancel_key(job_id)) == "1"
     assert client.status(job_id).state == schema.RUNNING
 
 
@@ -261,7 +264,7 @@ def test_config_from_env_reads_the_worker_variables():
                                     "INPAINT_S3_ENDPOINT_URL": "http://s3:9000", "INPAINT_BUCKET": "bk",
                                     "INPAINT_QUEUE": "q", "INPAINT_STATE_TTL_S": "120"})
     assert config == ClientConfig("redis://b:1/0", "redis://s:2/1", "http://s3:9000", "bk", "q", 120,
-                                  schema.EVENTS_STREAM_MAXLEN)
+                                  state.EVENTS_STREAM_MAXLEN)
     assert ClientConfig.from_env({}) == ClientConfig()
     with pytest.raises(ValueError, match="INPAINT_EVENTS_MAXLEN"):
         ClientConfig.from_env({"INPAINT_EVENTS_MAXLEN": "many"})

@@ -64,7 +64,8 @@ def test_replayed_steps_equal_eager_across_jobs(pipe, scene, scheduler):
         pipe.runner = eager
     for want, have in zip(expected, got):
         assert all(np.array_equal(a, b) for a, b in zip(want, have))
-    assert graphs.graphs.captures == 1  # one shape: the second and third jobs replay the first capture
+    # One shape: the second and third jobs replay the first capture.
+    assert graphs.captures == graphs.graphs.captures == 1
 
 
 

@@ -42,7 +42,7 @@ def test_metrics_endpoint_reports_recorded_jobs(served):
     metrics.record_job("succeeded", queue_wait_s=1.5, run_s=4.0, steps=20, images=2)
     metrics.record_job("succeeded", queue_wait_s=0.2, run_s=2.0, steps=30, images=1, denoise_s=1.0)
     metrics.record_job("failed", queue_wait_s=None, run_s=0.3, steps=0, images=0)
-    metrics.record_graph_captured()
+    metrics.observe_graph_captures(1)
     status, text = get(server.url + "/metrics")
     assert status == 200
     values = samples(text)
@@ -58,6 +58,17 @@ def test_metrics_endpoint_reports_recorded_jobs(served):
     assert values[("inpaint_denoise_steps_per_second_sum", frozenset())] == pytest.approx(20 / 4.0 + 30 / 1.0)
     assert values[("inpaint_last_denoise_steps_per_second", frozenset())] == pytest.approx(30.0)
     assert values[("inpaint_cuda_graphs_captured_total", frozenset())] == 1
+
+
+def test_graph_captures_follow_the_runners_count():
+    metrics = FleetMetrics()
+
+    def captured() -> float:
+        return samples(metrics.exposition().decode())[("inpaint_cuda_graphs_captured_total", frozenset())]
+
+    for total, expected in ((0, 0), (2, 2), (2, 2), (5, 5), (1, 6)):   # 1: a reloaded pipeline's new runner
+        metrics.observe_graph_captures(total)
+        assert captured() == expected
 
 
 def test_ready_endpoint_follows_set_ready(served):

@@ -145,13 +145,8 @@ def test_job_error():
                                        "model_unavailable", "canceled", "timeout", "internal"}
 
 
-def test_redis_names():
-    assert schema.job_key(JOB_ID) == f"inpaint:job:{JOB_ID}"
-    assert schema.job_events_key(JOB_ID) == f"inpaint:events:{JOB_ID}"
-    assert schema.EVENTS_STREAM == "inpaint:events"
-    assert schema.cancel_key(JOB_ID) == f"inpaint:cancel:{JOB_ID}"
+def test_task_name():
     assert schema.TASK_NAME == "inpaint.run"
-    assert schema.STATE_TTL_SECONDS == 7 * 24 * 3600
 
 
 def test_status_from_a_state_hash_with_bytes_or_text():
@@ -171,25 +166,6 @@ def test_status_from_a_state_hash_with_bytes_or_text():
 def test_missing_hash_is_expired():
     status = schema.JobStatus.from_hash(JOB_ID, {})
     assert status.state == schema.EXPIRED and not status.final
-
-
-def test_queued_state_fields():
-    job = schema.Job.from_dict(job_dict()).to_dict()
-    fields = schema.queued_state_fields(job, now=100.0)
-    assert fields["state"] == "queued" and fields["attempt"] == "0" and fields["created_at"] == "100.0"
-    assert json.loads(fields["job"]) == job and all(isinstance(v, str) for v in fields.values())
-    assert schema.JobStatus.from_hash(JOB_ID, fields).created_at == 100.0
-
-
-def test_event_fields_are_flat_strings_and_parse_back():
-    fields = schema.event_fields(JOB_ID, schema.EVENT_PROGRESS, schema.RUNNING, step=3, total_steps=20,
-                                 data={"x": 1}, ts=5.25)
-    assert list(fields) == ["job_id", "type", "state", "step", "total_steps", "ts", "data"]
-    assert all(isinstance(v, str) for v in fields.values())
-    encoded = {k.encode(): v.encode() for k, v in fields.items()}
-    assert schema.parse_event(encoded) == {"job_id": JOB_ID, "type": "progress", "state": "running", "step": 3,
-                                           "total_steps": 20, "ts": 5.25, "data": {"x": 1}}
-    assert schema.parse_event(schema.event_fields(JOB_ID, "state", "queued"))["data"] == {}
 
 
 def test_states():

@@ -1,11 +1,12 @@
-"""Job state and events in Redis (DESIGN §4): the hash `inpaint:job:<id>`, the streams `inpaint:events:<id>` and
-`inpaint:events` (capped with MAXLEN ~).
+"""The worker's side of job state and events in Redis (DESIGN §4): the hash `inpaint:job:<id>`, the streams
+`inpaint:events:<id>` and `inpaint:events` (capped with MAXLEN ~).
 
-Every write is one Lua script, so the state check, the hash update and both stream entries happen atomically.
-The state only moves forward: queued -> running -> succeeded | failed | canceled. A run owns the job through its
-`attempt` number and a lease (`lease_until`): writes from an attempt that no longer owns the job are refused, and
-a job `running` under a live lease is never claimed a second time. A later heartbeat only has to move `lease_until`
-forward; a watchdog only has to look for running jobs whose lease has passed.
+Every write is one Lua script of api_client.state (CLAIM, PROGRESS, FINISH, RELEASE), so the state check, the hash
+update and both stream entries happen atomically. The state only moves forward:
+queued -> running -> succeeded | failed | canceled. A run owns the job through its `attempt` number and a lease
+(`lease_until`): writes from an attempt that no longer owns the job are refused, and a job `running` under a live
+lease is never claimed a second time. A later heartbeat only has to move `lease_until` forward; a watchdog only has
+to look for running jobs whose lease has passed.
 """
 import json
 import time
@@ -15,88 +16,12 @@ from typing import Callable
 import redis
 
 from api_client import schema
+from api_client.state import (CLAIM, EVENTS_STREAM_MAXLEN, FINISH, PROGRESS, RELEASE, STATE_TTL_SECONDS, Scripts,
+                              cancel_key, job_key)
 
 __all__ = ["JobStore", "Claim", "ProgressReporter", "CLAIMED", "ALREADY_FINAL", "BUSY"]
 
 CLAIMED, ALREADY_FINAL, BUSY = "claimed", "final", "busy"
-
-# KEYS: job hash, job stream, shared stream. ARGV[1..4]: job_id, now, ttl seconds, shared stream cap.
-_PRELUDE = """
-local job_id, now, ttl, cap = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-local function emit(kind, state, step, total, data)
-  local entry = {'job_id', job_id, 'type', kind, 'state', state, 'step', tostring(step),
-                 'total_steps', tostring(total), 'ts', now, 'data', data}
-  redis.call('XADD', KEYS[2], '*', unpack(entry))
-  redis.call('EXPIRE', KEYS[2], ttl)
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', cap, '*', unpack(entry))
-end
-local function field(name, default)
-  local value = redis.call('HGET', KEYS[1], name)
-  if value then return value end
-  return default
-end
-local state = redis.call('HGET', KEYS[1], 'state')
-local final = state == 'succeeded' or state == 'failed' or state == 'canceled'
-"""
-
-# ARGV[5..9]: worker, lease_until, the job's JSON ('' = keep what is there), the most attempts (0 = no limit), the
-# error JSON written when that many attempts have started already. Returns {outcome, state, attempt, created_at}.
-# A worker runs one job at a time, so a job still leased to the claiming worker belongs to an attempt of its that
-# has ended (a retry after a lost state-store connection, a redelivery after its process died): it is taken over.
-# The attempt limit stops a job that kills its worker (out of memory, hard time limit) from looping forever.
-_CLAIM = _PRELUDE + """
-local attempt = tonumber(field('attempt', '0'))
-if final then return {'final', state, attempt, field('created_at', '')} end
-local leased = tonumber(field('lease_until', '0')) > tonumber(now)
-if state == 'running' and leased and field('worker', '') ~= ARGV[5] then
-  return {'busy', state, attempt, field('created_at', '')}
-end
-if ARGV[8] ~= '0' and attempt >= tonumber(ARGV[8]) and state then
-  redis.call('HSET', KEYS[1], 'state', 'failed', 'finished_at', now, 'lease_until', '0', 'error', ARGV[9])
-  redis.call('EXPIRE', KEYS[1], ttl)
-  emit('state', 'failed', field('step', '0'), field('total_steps', '0'), '{"error": ' .. ARGV[9] .. '}')
-  return {'final', 'failed', attempt, field('created_at', '')}
-end
-if not state then redis.call('HSET', KEYS[1], 'job_id', job_id, 'created_at', now) end
-if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'job', ARGV[7]) end
-attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[5], 'started_at', now, 'lease_until', ARGV[6],
-           'step', '0', 'total_steps', '0')
-redis.call('EXPIRE', KEYS[1], ttl)
-emit('state', 'running', 0, 0, '{"attempt": ' .. attempt .. ', "worker": ' .. cjson.encode(ARGV[5]) .. '}')
-return {'claimed', 'running', attempt, field('created_at', '')}
-"""
-
-# ARGV[5..7]: attempt, step, total. Only the attempt that owns the running job reports progress.
-_PROGRESS = _PRELUDE + """
-if state ~= 'running' or field('attempt', '0') ~= ARGV[5] then return 0 end
-redis.call('HSET', KEYS[1], 'step', ARGV[6], 'total_steps', ARGV[7])
-emit('progress', 'running', ARGV[6], ARGV[7], '{}')
-return 1
-"""
-
-# ARGV[5..9]: final state, attempt ('' = whichever; used when the job never started here), error JSON, result
-# JSON, the event's data JSON. A final state is written once. (JSON is never decoded in Lua: cjson would turn
-# 64-bit seeds into doubles.)
-_FINISH = _PRELUDE + """
-if final or not state then return 0 end
-if ARGV[6] ~= '' and field('attempt', '0') ~= ARGV[6] then return 0 end
-redis.call('HSET', KEYS[1], 'state', ARGV[5], 'finished_at', now, 'lease_until', '0')
-if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[7]) end
-if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[8], 'step', field('total_steps', '0')) end
-redis.call('EXPIRE', KEYS[1], ttl)
-emit('state', ARGV[5], field('step', '0'), field('total_steps', '0'), ARGV[9])
-return 1
-"""
-
-# ARGV[5..6]: attempt, the event's data JSON. A transient failure gives the lease up so a retry can claim the job.
-_RELEASE = _PRELUDE + """
-if state ~= 'running' or field('attempt', '0') ~= ARGV[5] then return 0 end
-redis.call('HSET', KEYS[1], 'lease_until', '0')
-redis.call('EXPIRE', KEYS[1], ttl)
-emit('retry', 'running', field('step', '0'), field('total_steps', '0'), ARGV[6])
-return 1
-"""
 
 
 @dataclass(frozen=True)
@@ -110,24 +35,16 @@ class Claim:
 class JobStore:
     """The state hash and event streams of jobs, in one Redis."""
 
-    def __init__(self, client: redis.Redis, ttl_s: int = schema.STATE_TTL_SECONDS,
-                 events_maxlen: int = schema.EVENTS_STREAM_MAXLEN):
+    def __init__(self, client: redis.Redis, ttl_s: int = STATE_TTL_SECONDS,
+                 events_maxlen: int = EVENTS_STREAM_MAXLEN):
         self.redis, self.ttl_s, self.events_maxlen = client, ttl_s, events_maxlen
-        self._claim = client.register_script(_CLAIM)
-        self._progress = client.register_script(_PROGRESS)
-        self._finish = client.register_script(_FINISH)
-        self._release = client.register_script(_RELEASE)
+        self._scripts = Scripts(client, ttl_s, events_maxlen)
 
     @classmethod
     def from_settings(cls, settings) -> "JobStore":
         client = redis.Redis.from_url(settings.state_redis_url, decode_responses=True, socket_timeout=10,
                                       socket_connect_timeout=10, health_check_interval=30)
         return cls(client, ttl_s=settings.state_ttl_s, events_maxlen=settings.events_maxlen)
-
-    def _run(self, script, job_id: str, *args, now: float | None = None):
-        keys = [schema.job_key(job_id), schema.job_events_key(job_id), schema.EVENTS_STREAM]
-        now = time.time() if now is None else now
-        return script(keys=keys, args=[job_id, repr(now), self.ttl_s, self.events_maxlen, *map(str, args)])
 
     def claim(self, job_id: str, worker: str, lease_s: float, job: dict | None, max_attempts: int = 0,
               now: float | None = None) -> Claim:
@@ -138,12 +55,13 @@ class JobStore:
         job_json = "" if job is None else json.dumps(job, sort_keys=True)
         gave_up = {"code": schema.INTERNAL, "message": f"the job already started {max_attempts} times without "
                                                        "ending (its worker died or was killed); not run again"}
-        outcome, state, attempt, created_at = self._run(self._claim, job_id, worker, repr(now + lease_s), job_json,
-                                                        max_attempts, json.dumps(gave_up), now=now)
+        outcome, state, attempt, created_at = self._scripts.run_job(CLAIM, job_id, worker, repr(now + lease_s),
+                                                                    job_json, max_attempts, json.dumps(gave_up),
+                                                                    now=now)
         return Claim(outcome, state, int(attempt), float(created_at) if created_at else None)
 
     def progress(self, job_id: str, attempt: int, step: int, total: int) -> bool:
-        return bool(self._run(self._progress, job_id, attempt, step, total))
+        return bool(self._scripts.run_job(PROGRESS, job_id, attempt, step, total))
 
     def finish(self, job_id: str, state: str, attempt: int | None = None, error: dict | None = None,
                result: dict | None = None) -> bool:
@@ -151,19 +69,20 @@ class JobStore:
         if state not in schema.FINAL_STATES:
             raise ValueError(f"state: {state!r} is not one of {', '.join(sorted(schema.FINAL_STATES))}")
         data = {key: value for key, value in (("error", error), ("result", result)) if value}
-        return bool(self._run(self._finish, job_id, state, "" if attempt is None else attempt,
-                              json.dumps(error) if error else "", json.dumps(result) if result else "",
-                              json.dumps(data)))
+        return bool(self._scripts.run_job(FINISH, job_id, state, "" if attempt is None else attempt,
+                                          json.dumps(error) if error else "", json.dumps(result) if result else "",
+                                          json.dumps(data)))
 
     def release(self, job_id: str, attempt: int, error: dict) -> bool:
         """A transient failure: keep the job running, drop this attempt's lease, record a `retry` event."""
-        return bool(self._run(self._release, job_id, attempt, json.dumps({"attempt": attempt, "error": error})))
+        data = json.dumps({"attempt": attempt, "error": error})
+        return bool(self._scripts.run_job(RELEASE, job_id, attempt, data))
 
     def cancel_requested(self, job_id: str) -> bool:
-        return bool(self.redis.exists(schema.cancel_key(job_id)))
+        return bool(self.redis.exists(cancel_key(job_id)))
 
     def status(self, job_id: str) -> schema.JobStatus:
-        return schema.JobStatus.from_hash(job_id, self.redis.hgetall(schema.job_key(job_id)))
+        return schema.JobStatus.from_hash(job_id, self.redis.hgetall(job_key(job_id)))
 
 
 class ProgressReporter:

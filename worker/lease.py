@@ -11,11 +11,11 @@ the longest run), so a lost worker's job would wait that long. Instead, as Drama
   starts attempt n + 1 (or fails the job once it started `max_attempts` times); a delivery that finds the job
   final, or leased by a live attempt, drops itself.
 
-Each check-and-write is one Lua script, so two watchdogs never both re-dispatch the same expiry, and a heartbeat
-of an attempt that lost the job never revives it. A copy is sent once, not again and again while it waits behind a
-backlog; if its sender dies before sending, the dead worker's own message still comes back after Celery's
-visibility timeout. Lease times are wall-clock seconds (time.time()): the workers' clocks must agree to well
-within a lease (NTP).
+Each check-and-write is one Lua script of api_client.state (RENEW_LEASE, EXPIRE_LEASE), so two watchdogs never
+both re-dispatch the same expiry, and a heartbeat of an attempt that lost the job never revives it. A copy is sent
+once, not again and again while it waits behind a backlog; if its sender dies before sending, the dead worker's own
+message still comes back after Celery's visibility timeout. Lease times are wall-clock seconds (time.time()): the
+workers' clocks must agree to well within a lease (NTP).
 """
 import json
 import logging
@@ -26,70 +26,19 @@ from typing import Callable
 
 import redis
 
-from api_client import schema
+from api_client.state import (EVENTS_STREAM_MAXLEN, EXPIRE_LEASE, LEASES_KEY, RENEW_LEASE, STATE_TTL_SECONDS,
+                              Scripts, job_key)
 
-__all__ = ["LEASES_KEY", "renew", "forget", "expired_jobs", "redispatch_expired", "Heartbeat", "Watchdog"]
+__all__ = ["renew", "forget", "expired_jobs", "redispatch_expired", "Heartbeat", "Watchdog"]
 
 log = logging.getLogger("inpaint.lease")
-
-LEASES_KEY = "inpaint:leases"
-
-# KEYS: job hash, leases set. ARGV: job_id, attempt, lease_until. Only the attempt that owns the running job
-# renews; for any other the job is left alone (a newer attempt keeps its own lease). A lease given up for a
-# retry (lease_until 0) stays given up.
-_RENEW = """
-if redis.call('HGET', KEYS[1], 'state') ~= 'running' then
-  redis.call('ZREM', KEYS[2], ARGV[1])
-  return 0
-end
-if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[2] then return 0 end
-if redis.call('HGET', KEYS[1], 'lease_until') == '0' then return 0 end
-redis.call('HSET', KEYS[1], 'lease_until', ARGV[3])
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
-return 1
-"""
-
-# KEYS: job hash, leases set, job stream, shared stream. ARGV: job_id, now, ttl, shared stream cap. Returns
-# {'expired', job JSON} when this caller is to re-dispatch the job (it has left the set, so no other watchdog
-# sends it too), else {outcome}.
-_EXPIRE = """
-local job_id, now = ARGV[1], tonumber(ARGV[2])
-local score = redis.call('ZSCORE', KEYS[2], job_id)
-if not score or tonumber(score) > now then return {'taken'} end
-local state = redis.call('HGET', KEYS[1], 'state')
-if state ~= 'running' then
-  redis.call('ZREM', KEYS[2], job_id)
-  return {'gone'}
-end
-local lease_until = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
-if lease_until > now then
-  redis.call('ZADD', KEYS[2], lease_until, job_id)
-  return {'live'}
-end
-local job = redis.call('HGET', KEYS[1], 'job')
-if not job then
-  redis.call('ZREM', KEYS[2], job_id)
-  return {'no_job'}
-end
-redis.call('ZREM', KEYS[2], job_id)
-local attempt = redis.call('HGET', KEYS[1], 'attempt') or '0'
-local data = '{"attempt": ' .. attempt .. ', "reason": "lease_expired", "worker": ' ..
-             cjson.encode(redis.call('HGET', KEYS[1], 'worker') or '') .. '}'
-local entry = {'job_id', job_id, 'type', 'retry', 'state', 'running',
-               'step', redis.call('HGET', KEYS[1], 'step') or '0',
-               'total_steps', redis.call('HGET', KEYS[1], 'total_steps') or '0', 'ts', ARGV[2], 'data', data}
-redis.call('XADD', KEYS[3], '*', unpack(entry))
-redis.call('EXPIRE', KEYS[3], tonumber(ARGV[3]))
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', unpack(entry))
-return {'expired', job}
-"""
 
 
 def renew(client: redis.Redis, job_id: str, attempt: int, lease_s: float, now: float | None = None) -> bool:
     """Move the lease of `attempt` to now + lease_s; False when that attempt no longer owns a running job."""
     lease_until = (time.time() if now is None else now) + lease_s
-    script = client.register_script(_RENEW)
-    return bool(script(keys=[schema.job_key(job_id), LEASES_KEY], args=[job_id, attempt, repr(lease_until)]))
+    keys, args = [job_key(job_id), LEASES_KEY], [job_id, attempt, repr(lease_until)]
+    return bool(Scripts(client).run(RENEW_LEASE, keys, args))
 
 
 def forget(client: redis.Redis, job_id: str) -> None:
@@ -105,15 +54,14 @@ def expired_jobs(client: redis.Redis, now: float | None = None, limit: int = 100
 
 
 def redispatch_expired(client: redis.Redis, dispatch: Callable[[dict], None],
-                       ttl_s: int = schema.STATE_TTL_SECONDS, events_maxlen: int = schema.EVENTS_STREAM_MAXLEN,
+                       ttl_s: int = STATE_TTL_SECONDS, events_maxlen: int = EVENTS_STREAM_MAXLEN,
                        now: float | None = None) -> list[str]:
     """Send every job whose lease expired to the queue again (`dispatch(job)`), once; the ids sent."""
     now = time.time() if now is None else now
-    script = client.register_script(_EXPIRE)
+    scripts = Scripts(client, ttl_s, events_maxlen)
     sent = []
     for job_id in expired_jobs(client, now):
-        keys = [schema.job_key(job_id), LEASES_KEY, schema.job_events_key(job_id), schema.EVENTS_STREAM]
-        reply = script(keys=keys, args=[job_id, repr(now), ttl_s, events_maxlen])
+        reply = scripts.run_job(EXPIRE_LEASE, job_id, extra_keys=[LEASES_KEY], now=now)
         if _text(reply[0]) != "expired":
             continue
         log.warning("lease expired, job sent again", extra={"job_id": job_id})
@@ -189,7 +137,7 @@ class Watchdog:
     """A daemon thread in each worker process: every `interval_s`, re-dispatches the jobs whose lease expired."""
 
     def __init__(self, client: redis.Redis, dispatch: Callable[[dict], None], interval_s: float,
-                 ttl_s: int = schema.STATE_TTL_SECONDS, events_maxlen: int = schema.EVENTS_STREAM_MAXLEN):
+                 ttl_s: int = STATE_TTL_SECONDS, events_maxlen: int = EVENTS_STREAM_MAXLEN):
         self.client, self.dispatch = client, dispatch
         self.ttl_s, self.events_maxlen = ttl_s, events_maxlen
         self._ticker = _Ticker("lease-watchdog", interval_s, self.tick)

@@ -1,45 +1,41 @@
 """`inpaint run`: one job in this process, without queue or storage (DESIGN §6).
 
-The CLI (api_client/cli.py, which must not import torch) loads this module by name. The options become a job with
-the schema's defaults and are painted by the worker's own `jobs.paint`, so `inpaint run` paints what
-`inpaint submit` with the same options paints.
+The CLI (api_client/cli.py, which must not import torch) imports this module only for `inpaint run` and hands it
+plain values. The options become a job with the schema's defaults and are painted by the worker's own
+`jobs.paint`, so `inpaint run` paints what `inpaint submit` with the same options paints.
 """
-import argparse
-import sys
 import uuid
 from pathlib import Path
+from typing import Callable
 
 from PIL import Image
 
 from api_client import schema
-from api_client.cli import ProgressDisplay, job_options
 from worker import jobs
 from worker.inference.pipeline import InpaintPipeline
 
 
-def run_local(args: argparse.Namespace) -> list[Path]:
-    """Load args.model, inpaint args.image under args.mask, save the image(s) at args.out; returns their paths."""
-    image, mask = _open_input("image", args.image).convert("RGB"), _open_input("mask", args.mask).convert("L")
-    job = local_job(args)
-    outputs = output_paths(args.out, job.num_images)
-    pipe = InpaintPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-    progress = None if args.json else ProgressDisplay(sys.stderr)
-    callback = None if progress is None else (lambda step, total: progress.update(step, total, "running"))
-    images = jobs.paint(pipe, job, image, mask, jobs.job_seed(job), callback)
-    if progress is not None:
-        progress.close()
+def run_local(model: str, image: str, mask: str, prompt: str, out: Path, options: dict, device: str | None = None,
+              dtype: str | None = None, progress: Callable[[int, int], None] | None = None) -> list[Path]:
+    """Load `model`, inpaint the image file under the mask file, save the image(s) at `out`; returns their paths.
+    `options`: job fields (DESIGN §3) by name; `progress(step, total)` is called after each denoise step."""
+    image_file, mask_file = _open_input("image", image).convert("RGB"), _open_input("mask", mask).convert("L")
+    job = local_job(image, mask, prompt, options)
+    outputs = output_paths(out, job.num_images)
+    pipe = InpaintPipeline.from_pretrained(model, device=device, dtype=dtype)
+    images = jobs.paint(pipe, job, image_file, mask_file, jobs.job_seed(job), progress)
     outputs[0].parent.mkdir(parents=True, exist_ok=True)
     for generated, path in zip(images, outputs):
         generated.save(path)
     return outputs
 
 
-def local_job(args: argparse.Namespace) -> schema.Job:
+def local_job(image: str, mask: str, prompt: str, options: dict) -> schema.Job:
     """The job the options describe, on the schema's defaults. It is never queued: image and mask name local files
-    and the output spec is unused (run_local saves at args.out), so the schema's s3:// checks do not apply; the
+    and the output spec is unused (run_local saves at `out`), so the schema's s3:// checks do not apply; the
     pipeline checks every painting option itself."""
-    return schema.Job(job_id=uuid.uuid4().hex, image=args.image, mask=args.mask, prompt=args.prompt,
-                      output=schema.OutputSpec(bucket="", prefix=""), **job_options(args))
+    return schema.Job(job_id=uuid.uuid4().hex, image=image, mask=mask, prompt=prompt,
+                      output=schema.OutputSpec(bucket="", prefix=""), **options)
 
 
 def output_paths(out: Path, count: int) -> list[Path]:

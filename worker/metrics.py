@@ -1,6 +1,6 @@
 """Prometheus metrics of a worker process, and its HTTP endpoint: `/metrics`, `/ready`, `/healthz`.
 
-The job layer calls the module functions (`record_job`, `set_ready`, `record_graph_captured`,
+The job layer calls the module functions (`record_job`, `set_ready`, `observe_graph_captures`,
 `observe_gpu_memory`); they update the process-wide `METRICS`. `start_metrics_server(port)` serves them on a
 background thread. Each worker process serves its own port: the GPU supervisor (worker.gpus) gives process i the
 port INPAINT_METRICS_PORT + i, and a prefork pool child adds its pool index (`metrics_port(base, index)`).
@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 __all__ = ["FleetMetrics", "MetricsServer", "METRICS", "JOB_STATES", "start_metrics_server", "metrics_port",
-           "record_job", "set_ready", "record_graph_captured", "observe_gpu_memory"]
+           "record_job", "set_ready", "observe_graph_captures", "observe_gpu_memory"]
 
 log = logging.getLogger("inpaint.metrics")
 
@@ -56,6 +56,7 @@ class FleetMetrics:
                                   "allocator (torch.cuda.memory_reserved)", registry=r)
         self.ready = Gauge("inpaint_ready", "1 once the model is loaded and warmed, else 0", registry=r)
         self._ready = threading.Event()
+        self._graphs_seen = 0
 
     def record_job(self, state: str, queue_wait_s: float | None, run_s: float, steps: int, images: int,
                    denoise_s: float | None = None) -> None:
@@ -87,8 +88,11 @@ class FleetMetrics:
     def is_ready(self) -> bool:
         return self._ready.is_set()
 
-    def record_graph_captured(self) -> None:
-        self.graphs.inc()
+    def observe_graph_captures(self, total: int) -> None:
+        """The denoise runner's count of CUDA graphs captured so far: the counter moves up to it. A count below the
+        last one comes from a new runner (a reloaded pipeline), which started again from zero."""
+        self.graphs.inc(total - self._graphs_seen if total >= self._graphs_seen else total)
+        self._graphs_seen = total
 
     def observe_gpu_memory(self, device=None) -> int | None:
         """Peak allocated bytes on `device` (the current CUDA device by default); None without CUDA or for a
@@ -178,5 +182,5 @@ def start_metrics_server(port: int, metrics: FleetMetrics | None = None,
 METRICS = FleetMetrics()
 record_job = METRICS.record_job
 set_ready = METRICS.set_ready
-record_graph_captured = METRICS.record_graph_captured
+observe_graph_captures = METRICS.observe_graph_captures
 observe_gpu_memory = METRICS.observe_gpu_memory

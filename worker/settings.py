@@ -8,14 +8,12 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 
-from api_client import schema
+from api_client import schema, state
 from api_client.schema import redact_url  # re-exported: others import it from here
+from worker.inference.names import DTYPES, GRAPH_MODES, KERNEL_MODES, dtype_key
 
 __all__ = ["Settings", "redact_url"]
 
-GRAPH_MODES = ("auto", "on", "off")
-KERNEL_MODES = ("auto", "triton", "torch")
-DTYPE_NAMES = ("", "float16", "fp16", "bfloat16", "bf16", "float32", "fp32")
 MAX_PRESIGN_EXPIRY_S = 7 * 24 * 3600  # S3's ceiling for SigV4 presigned URLs
 
 
@@ -38,7 +36,7 @@ class Settings:
     local_files_only: bool = _setting("INPAINT_LOCAL_FILES_ONLY", False, "never download the model, use the cache")
     device: str = _setting("INPAINT_DEVICE", "", "torch device (empty = cuda if available, else cpu)")
     dtype: str = _setting("INPAINT_DTYPE", "", "float16, bfloat16 or float32 (empty = float16 on cuda, else "
-                                               "float32)", choices=DTYPE_NAMES)
+                                               "float32)", choices=("", *DTYPES))
     cuda_graphs: str = _setting("INPAINT_CUDA_GRAPHS", "auto", "denoise loop as CUDA-graph replay: auto, on or off",
                                 choices=GRAPH_MODES)
     max_cuda_graphs: int = _setting("INPAINT_MAX_CUDA_GRAPHS", 8, "captured graphs kept (one per job shape)",
@@ -76,10 +74,10 @@ class Settings:
     retry_backoff_s: float = _setting("INPAINT_RETRY_BACKOFF_S", 2.0, "first retry delay, doubled each retry",
                                       low=0.0)
     retry_backoff_max_s: float = _setting("INPAINT_RETRY_BACKOFF_MAX_S", 60.0, "longest retry delay", low=0.0)
-    state_ttl_s: int = _setting("INPAINT_STATE_TTL_S", schema.STATE_TTL_SECONDS, "lifetime of a job's state hash "
-                                                                                "and event stream", low=60)
-    events_maxlen: int = _setting("INPAINT_EVENTS_MAXLEN", schema.EVENTS_STREAM_MAXLEN, "approximate cap of the "
-                                                                                       "shared events stream", low=1)
+    state_ttl_s: int = _setting("INPAINT_STATE_TTL_S", state.STATE_TTL_SECONDS, "lifetime of a job's state hash "
+                                                                               "and event stream", low=60)
+    events_maxlen: int = _setting("INPAINT_EVENTS_MAXLEN", state.EVENTS_STREAM_MAXLEN, "approximate cap of the "
+                                                                                      "shared events stream", low=1)
     progress_interval_s: float = _setting("INPAINT_PROGRESS_INTERVAL_S", 0.5, "least time between two progress "
                                                                               "events of a job", low=0.0)
     gpus: str = _setting("INPAINT_GPUS", "", "run one worker process per GPU: all, none or a list such as 0,1 "
@@ -194,6 +192,8 @@ def _check(item, value) -> None:
 
 
 def _normalized(item, value: str) -> str:
+    if item.name == "dtype":
+        return dtype_key(value)   # as the loader reads it
     return value.upper() if item.name == "log_level" else value.lower()
 
 

@@ -51,7 +51,7 @@ def run(self, job: dict) -> dict:
         raise self.retry(exc=error, countdown=delay, max_retries=settings.max_retries)
     metrics.record_job(outcome.status, outcome.queue_wait_s, outcome.run_s, outcome.steps, outcome.images,
                        outcome.denoise_s)
-    _observe_gpu_memory()
+    _observe_pipeline(_pipelines.loaded)
     if outcome.status == jobs.RETRY:
         # The retry's message carries the job on; a watchdog must not send a second copy meanwhile.
         lease.forget(runtime().store.redis, job["job_id"])
@@ -74,7 +74,7 @@ def _start_process(**kwargs) -> None:
     started = time.monotonic()
     pipeline = _load_model_or_exit()
     _warm_up(pipeline)
-    _observe_gpu_memory()
+    _observe_pipeline(pipeline)
     metrics.set_ready(True)
     log.info("model ready", extra={"model": settings.model, "load_s": round(time.monotonic() - started, 3)})
 
@@ -108,9 +108,12 @@ def _warm_up(pipeline) -> None:
         log.info("warmed up", extra=shape)
 
 
-def _observe_gpu_memory() -> None:
-    if _pipelines.loaded is not None:
-        metrics.observe_gpu_memory(_pipelines.loaded.device)
+def _observe_pipeline(pipeline) -> None:
+    """Read what the pipeline knows into the metrics: GPU memory, and the CUDA graphs its runner captured (the
+    inference library counts them; it does not import the service's metrics)."""
+    if pipeline is not None:
+        metrics.observe_gpu_memory(pipeline.device)
+        metrics.observe_graph_captures(pipeline.runner.captures)
 
 
 def _start_watchdog() -> None:

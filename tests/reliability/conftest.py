@@ -17,7 +17,7 @@ import redis
 from celery import Celery
 from PIL import Image
 
-from api_client import schema
+from api_client import schema, state
 from api_client.client import InpaintClient
 from tests.reliability.faults import CuttableProxy
 from tests.service.conftest import sample_image, sample_mask  # noqa: F401 (re-exported to the tests here)
@@ -163,10 +163,10 @@ class Fleet:
         return job.get("job_id")
 
     def status(self, job_id: str) -> schema.JobStatus:
-        return schema.JobStatus.from_hash(job_id, self.redis.hgetall(schema.job_key(job_id)))
+        return schema.JobStatus.from_hash(job_id, self.redis.hgetall(state.job_key(job_id)))
 
     def events(self, job_id: str) -> list[dict]:
-        return [schema.parse_event(fields) for _, fields in self.redis.xrange(schema.job_events_key(job_id))]
+        return [state.parse_event(fields) for _, fields in self.redis.xrange(state.job_events_key(job_id))]
 
     def wait_for(self, job_id: str, predicate, timeout: float = JOB_TIMEOUT_S) -> schema.JobStatus:
         deadline = time.monotonic() + timeout

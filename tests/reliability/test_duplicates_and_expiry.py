@@ -6,7 +6,7 @@ import time
 import pytest
 import redis
 
-from api_client import schema
+from api_client import schema, state
 from api_client.client import InpaintClient
 from tests.reliability.conftest import BUCKET
 from tests import devstack
@@ -51,7 +51,7 @@ def test_expired_state_reads_as_expired_and_ends_a_wait(healthy_fleet):
     job_id = fleet.submit()
     fleet.wait_final(job_id)
     # What the state TTL does after INPAINT_STATE_TTL_S: the hash and the job's stream are gone.
-    fleet.redis.delete(schema.job_key(job_id), schema.job_events_key(job_id))
+    fleet.redis.delete(state.job_key(job_id), state.job_events_key(job_id))
     assert fleet.client.status(job_id).state == schema.EXPIRED
     started = time.monotonic()
     assert fleet.client.wait(job_id, timeout=30).state == schema.EXPIRED

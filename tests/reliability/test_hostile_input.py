@@ -15,7 +15,7 @@ import pytest
 from kombu import Connection
 from PIL import Image
 
-from api_client import schema
+from api_client import schema, state
 from tests.reliability.conftest import BUCKET, OTHER_BUCKET, sample_image, sample_mask
 
 INVALID, LIMIT, NOT_FOUND = schema.INVALID_INPUT, schema.LIMIT_EXCEEDED, schema.INPUT_NOT_FOUND
@@ -182,7 +182,7 @@ def test_pickle_message_is_never_deserialised(outcomes, fleet, tmp_path):
     assert fleet.wait_final(follower).state == schema.SUCCEEDED
     fleet.wait_for(follower, lambda _: "Refusing to deserialize untrusted content" in fleet.logs(), timeout=30)
     assert not marker.exists()
-    assert not fleet.redis.exists(schema.job_key(job["job_id"]))
+    assert not fleet.redis.exists(state.job_key(job["job_id"]))
 
 
 def test_workers_keep_serving_after_all_of_it(outcomes, fleet):
@@ -202,5 +202,5 @@ def test_client_refuses_bad_jobs_before_sending(fleet, options, words):
     job_id = uuid.uuid4().hex
     with pytest.raises(ValueError, match=words):
         fleet.client.submit(sample_image(), sample_mask(), "p", job_id=job_id, **options)
-    assert not fleet.redis.exists(schema.job_key(job_id))
+    assert not fleet.redis.exists(state.job_key(job_id))
     assert fleet.output_keys(job_id) == [] and not fleet.s3.list_objects_v2(Bucket=BUCKET, Prefix=f"inputs/{job_id}/").get("Contents")

@@ -6,7 +6,7 @@ import uuid
 import pytest
 import redis
 
-from api_client import schema
+from api_client import schema, state
 from tests import devstack
 from worker import lease
 from worker.events import BUSY, CLAIMED, JobStore
@@ -35,17 +35,17 @@ def claimed_job(store, worker="w1", now=1000.0) -> str:
 
 
 def lease_events(client, job_id):
-    return [e for e in (schema.parse_event(f) for _, f in client.xrange(schema.job_events_key(job_id)))
+    return [e for e in (state.parse_event(f) for _, f in client.xrange(state.job_events_key(job_id)))
             if e["type"] == "retry"]
 
 
 def test_renew_moves_the_lease_of_the_owning_attempt_only(store, client):
     job_id = claimed_job(store)
     assert lease.renew(client, job_id, attempt=1, lease_s=LEASE_S, now=1005.0)
-    assert float(client.hget(schema.job_key(job_id), "lease_until")) == 1015.0
-    assert client.zscore(lease.LEASES_KEY, job_id) == 1015.0
+    assert float(client.hget(state.job_key(job_id), "lease_until")) == 1015.0
+    assert client.zscore(state.LEASES_KEY, job_id) == 1015.0
     assert not lease.renew(client, job_id, attempt=2, lease_s=LEASE_S, now=1006.0)   # not its attempt
-    assert float(client.hget(schema.job_key(job_id), "lease_until")) == 1015.0
+    assert float(client.hget(state.job_key(job_id), "lease_until")) == 1015.0
 
 
 def test_renew_of_a_final_job_drops_it_from_the_leases(store, client):
@@ -53,7 +53,7 @@ def test_renew_of_a_final_job_drops_it_from_the_leases(store, client):
     lease.renew(client, job_id, 1, LEASE_S, now=1001.0)
     store.finish(job_id, schema.SUCCEEDED, attempt=1, result={"images": []})
     assert not lease.renew(client, job_id, 1, LEASE_S, now=1002.0)
-    assert client.zscore(lease.LEASES_KEY, job_id) is None
+    assert client.zscore(state.LEASES_KEY, job_id) is None
 
 
 def test_expired_lease_is_dispatched_once(store, client):
@@ -76,12 +76,12 @@ def test_finished_or_renewed_jobs_are_not_dispatched(store, client):
     for job_id in (finished, renewed):
         lease.renew(client, job_id, 1, LEASE_S, now=1000.0)
     store.finish(finished, schema.FAILED, attempt=1, error={"code": "internal", "message": "x"})
-    client.hset(schema.job_key(renewed), "lease_until", "2000.0")   # renewed after the set was last looked at
+    client.hset(state.job_key(renewed), "lease_until", "2000.0")   # renewed after the set was last looked at
     sent = []
     lease.redispatch_expired(client, sent.append, now=1500.0)
     assert [job["job_id"] for job in sent if job["job_id"] in (finished, renewed)] == []
-    assert client.zscore(lease.LEASES_KEY, finished) is None
-    assert client.zscore(lease.LEASES_KEY, renewed) == 2000.0
+    assert client.zscore(state.LEASES_KEY, finished) is None
+    assert client.zscore(state.LEASES_KEY, renewed) == 2000.0
 
 
 def test_a_dead_attempt_is_taken_over_and_can_no_longer_write(store, client):
@@ -96,7 +96,7 @@ def test_a_dead_attempt_is_taken_over_and_can_no_longer_write(store, client):
     assert not store.progress(job_id, 1, 1, 2)
     assert not store.finish(job_id, schema.SUCCEEDED, attempt=1, result={"images": []})
     assert store.finish(job_id, schema.SUCCEEDED, attempt=2, result={"images": []})
-    states = [e["state"] for e in (schema.parse_event(f) for _, f in client.xrange(schema.job_events_key(job_id)))]
+    states = [e["state"] for e in (state.parse_event(f) for _, f in client.xrange(state.job_events_key(job_id)))]
     assert states == ["running", "running", "running", "succeeded"]   # claim, lease expiry, claim, end
 
 
@@ -118,17 +118,17 @@ def test_a_job_that_keeps_killing_workers_fails_after_max_attempts(store, client
 def test_heartbeat_keeps_renewing_and_notices_a_takeover(store, client):
     job_id = claimed_job(store, now=time.time())
     with lease.Heartbeat(client, job_id, attempt=1, lease_s=2.0, interval_s=0.05) as heartbeat:
-        first = float(client.hget(schema.job_key(job_id), "lease_until"))
+        first = float(client.hget(state.job_key(job_id), "lease_until"))
         time.sleep(0.3)
-        assert float(client.hget(schema.job_key(job_id), "lease_until")) > first
-        client.hset(schema.job_key(job_id), "attempt", "2")   # another attempt took the job over
+        assert float(client.hget(state.job_key(job_id), "lease_until")) > first
+        client.hset(state.job_key(job_id), "attempt", "2")   # another attempt took the job over
         time.sleep(0.3)
         assert heartbeat.lost
-    assert client.hget(schema.job_key(job_id), "attempt") == "2"
+    assert client.hget(state.job_key(job_id), "attempt") == "2"
 
 
 def test_watchdog_thread_survives_a_failing_dispatch_and_sends_again(store, client):
-    client.delete(lease.LEASES_KEY)   # only this job is watched (this test's own redis-server)
+    client.delete(state.LEASES_KEY)   # only this job is watched (this test's own redis-server)
     job_id = claimed_job(store, now=time.time() - 100)
     lease.renew(client, job_id, 1, 1.0, now=time.time() - 50)
     calls = []
@@ -147,7 +147,7 @@ def test_watchdog_thread_survives_a_failing_dispatch_and_sends_again(store, clie
     finally:
         watchdog.stop()
     assert calls.count(job_id) == 2   # the failed send was repeated, the successful one was not
-    assert client.zscore(lease.LEASES_KEY, job_id) is None
+    assert client.zscore(state.LEASES_KEY, job_id) is None
 
 
 def test_a_job_given_back_for_a_retry_is_left_to_its_retry(store, client):

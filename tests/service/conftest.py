@@ -10,7 +10,7 @@ import redis
 from celery import Celery
 from PIL import Image
 
-from api_client import schema
+from api_client import schema, state
 from api_client.client import InpaintClient
 from tests import devstack
 
@@ -58,10 +58,10 @@ class Service:
         return job.get("job_id")
 
     def events(self, job_id: str) -> list[dict]:
-        return [schema.parse_event(fields) for _, fields in self.redis.xrange(schema.job_events_key(job_id))]
+        return [state.parse_event(fields) for _, fields in self.redis.xrange(state.job_events_key(job_id))]
 
     def shared_events(self, job_id: str) -> list[dict]:
-        return [e for e in (schema.parse_event(f) for _, f in self.redis.xrange(schema.EVENTS_STREAM))
+        return [e for e in (state.parse_event(f) for _, f in self.redis.xrange(state.EVENTS_STREAM))
                 if e["job_id"] == job_id]
 
     def close(self) -> None:

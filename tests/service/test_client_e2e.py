@@ -2,7 +2,7 @@
 processes on the tiny model): submit -> events -> wait -> fetch, cancel mid-run, the asyncio client."""
 import asyncio
 
-from api_client import schema
+from api_client import schema, state
 from api_client.client import AsyncInpaintClient
 from tests.service.conftest import BUCKET, sample_image, sample_mask
 
@@ -19,7 +19,7 @@ def test_submit_wait_fetch(service):
     assert status.state == schema.SUCCEEDED, status.error
     assert [e["state"] for e in events][:2] == [schema.QUEUED, schema.RUNNING]
     assert events[-1]["state"] == schema.SUCCEEDED
-    progress = [e["step"] for e in events if e["type"] == schema.EVENT_PROGRESS]
+    progress = [e["step"] for e in events if e["type"] == state.EVENT_PROGRESS]
     assert progress == sorted(progress) and progress[-1] == status.total_steps > 0
     assert [image["seed"] for image in status.result["images"]] == [5, 6]
     assert [image["uri"] for image in status.result["images"]] == [
@@ -41,7 +41,7 @@ def test_cancel_stops_a_running_job(service):
     job_id = client.submit(sample_image(), sample_mask(), "slow", num_inference_steps=60, scheduler="euler",
                            seed=1)
     for event in client.events(job_id, timeout=JOB_TIMEOUT_S):
-        if event["type"] == schema.EVENT_PROGRESS:
+        if event["type"] == state.EVENT_PROGRESS:
             client.cancel(job_id)
             break
     status = client.wait(job_id, timeout=JOB_TIMEOUT_S)

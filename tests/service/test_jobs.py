@@ -16,7 +16,7 @@ import torch
 from botocore.config import Config
 from PIL import Image
 
-from api_client import schema
+from api_client import schema, state
 from tests.service.conftest import BUCKET, OTHER_BUCKET, sample_image, sample_mask
 from tests import devstack
 from worker import jobs
@@ -253,7 +253,7 @@ def test_out_of_gpu_memory_twice_fails_as_too_large_for_the_gpu(settings, store,
 
 def test_cancel_flag_stops_the_run_as_canceled(settings, store, storage):
     job = make_job(storage, num_inference_steps=10)
-    store.redis.set(schema.cancel_key(job["job_id"]), "1", ex=60)
+    store.redis.set(state.cancel_key(job["job_id"]), "1", ex=60)
     jobs.run_job(job, runtime_with(settings, store, storage, FakePipeline()), WORKER, may_retry=True)
     status = store.status(job["job_id"])
     assert status.state == schema.CANCELED and status.error["code"] == schema.CANCELED_ERROR
@@ -310,7 +310,7 @@ class TakeOverAt(FakePipeline):
         def take_over(step, total):
             self.last_step = step
             if step == self.at:
-                self.store.redis.hincrby(schema.job_key(self.job_id), "attempt", 1)
+                self.store.redis.hincrby(state.job_key(self.job_id), "attempt", 1)
             return callback(step, total)
         return super().__call__(prompt, image, mask, callback=take_over, **options)
 
@@ -357,7 +357,7 @@ def test_job_without_a_usable_id_is_refused_and_nothing_written(settings, store,
     for raw in ({"job_id": "../../etc"}, ["not", "a", "dict"], {"prompt": "no id"}):
         outcome = jobs.run_job(raw, runtime, WORKER, may_retry=True)
         assert outcome.status == jobs.REJECTED and outcome.error.code == schema.INVALID_INPUT
-    assert not store.redis.exists(schema.job_key("../../etc"))
+    assert not store.redis.exists(state.job_key("../../etc"))
 
 
 def test_retry_delay_doubles_up_to_the_cap(settings):

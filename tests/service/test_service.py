@@ -9,7 +9,7 @@ import uuid
 from kombu import Connection
 from PIL import Image
 
-from api_client import schema
+from api_client import schema, state
 from tests.service.conftest import BUCKET, OTHER_BUCKET, sample_image, sample_mask
 
 JOB_TIMEOUT_S = 120
@@ -158,7 +158,7 @@ def test_pickle_message_is_never_deserialised(service):
         time.sleep(0.1)
         logs = "".join(worker.log_text() for worker in service.workers)
     assert "Refusing to deserialize untrusted content of type pickle" in logs
-    assert not service.redis.exists(schema.job_key(job["job_id"]))
+    assert not service.redis.exists(state.job_key(job["job_id"]))
     assert all(worker.poll() is None for worker in service.workers)
 
 
@@ -171,7 +171,7 @@ def test_job_without_usable_id_is_dropped_with_a_log(service):
         time.sleep(0.1)
         logs = "".join(worker.log_text() for worker in service.workers)
     assert "job refused" in logs
-    assert not service.redis.exists(schema.job_key("not-a-uuid"))
+    assert not service.redis.exists(state.job_key("not-a-uuid"))
 
 
 def test_cancel_of_a_queued_job(service):

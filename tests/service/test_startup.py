@@ -13,20 +13,26 @@ from tests import devstack
 from worker import metrics, tasks
 
 
-class WarmupFails:
-    def warmup(self, **shape):
-        raise RuntimeError("CUDA graph capture failed")
+def fake_pipeline(warmup=lambda **shape: None, captures: int = 0) -> types.SimpleNamespace:
+    """What _start_process uses of a pipeline: warmup(), its device and its runner's capture count."""
+    return types.SimpleNamespace(warmup=warmup, device="cpu", runner=types.SimpleNamespace(captures=captures))
+
+
+def failing_warmup(**shape):
+    raise RuntimeError("CUDA graph capture failed")
 
 
 @pytest.fixture
 def started(monkeypatch):
     """Runs _start_process with the given pipeline getter, no metrics server, no watchdog and no sleeping; returns
-    the ready flags set. The backoff delays asked for are in `started.sleeps`."""
-    ready, sleeps = [], []
+    the ready flags set. The backoff delays asked for are in `started.sleeps`, the capture counts the metrics read
+    in `started.captures`."""
+    ready, sleeps, captures = [], [], []
     monkeypatch.setattr(tasks, "_serve_metrics", lambda: None)
     monkeypatch.setattr(tasks, "_start_watchdog", lambda: None)
     monkeypatch.setattr(tasks.time, "sleep", sleeps.append)
     monkeypatch.setattr(metrics, "set_ready", ready.append)
+    monkeypatch.setattr(metrics, "observe_graph_captures", captures.append)
 
     def start(pipeline, warmup="", max_retries=2):
         monkeypatch.setattr(tasks, "runtime", lambda: types.SimpleNamespace(pipeline=pipeline))
@@ -34,7 +40,7 @@ def started(monkeypatch):
                                                                         retry_backoff_s=1.5))
         tasks._start_process()
         return ready
-    start.sleeps = sleeps
+    start.sleeps, start.captures = sleeps, captures
     return start
 
 
@@ -46,7 +52,7 @@ def failing_load(failures: int):
         calls.append(1)
         if len(calls) <= failures:
             raise schema.JobError(schema.MODEL_UNAVAILABLE, "ValueError: unet/config.json: bad sample_size")
-        return types.SimpleNamespace(warmup=lambda **shape: None)
+        return fake_pipeline()
     load.calls = calls
     return load
 
@@ -76,9 +82,14 @@ def test_without_retries_a_failed_load_exits_at_once(started):
 
 def test_a_failed_warmup_is_logged_and_the_process_still_turns_ready(started, caplog):
     with caplog.at_level(logging.ERROR, logger="inpaint.tasks"):
-        assert started(WarmupFails, warmup="64x64:2:ddim") == [True]
+        assert started(lambda: fake_pipeline(failing_warmup), warmup="64x64:2:ddim") == [True]
     [record] = [r for r in caplog.records if r.getMessage() == "warm-up failed"]
     assert record.code == schema.INTERNAL and "capture failed" in record.error and record.width == 64
+
+
+def test_the_graphs_the_runner_captured_at_warm_up_reach_the_metrics(started):
+    assert started(lambda: fake_pipeline(captures=2), warmup="64x64:2:ddim") == [True]
+    assert started.captures == [2]
 
 
 def test_a_worker_whose_model_will_not_load_exits_and_leaves_the_job_to_a_good_one(redis_server, s3_server,

@@ -5,7 +5,7 @@ import uuid
 import pytest
 import redis
 
-from api_client import schema
+from api_client import schema, state
 from worker.events import ALREADY_FINAL, BUSY, CLAIMED, JobStore, ProgressReporter
 
 TTL_S = 3600
@@ -29,24 +29,29 @@ def new_job_id() -> str:
 
 
 def events(client, job_id: str) -> list[dict]:
-    return [schema.parse_event(fields) for _, fields in client.xrange(schema.job_events_key(job_id))]
+    return [state.parse_event(fields) for _, fields in client.xrange(state.job_events_key(job_id))]
+
+
+def submit(client, job_id: str, now: float | None = None) -> None:
+    """What the client's submit records: the job queued, with its JSON."""
+    state.Scripts(client, TTL_S).run_job(state.CREATE_QUEUED, job_id, json.dumps({"job_id": job_id}), now=now)
 
 
 def test_claim_creates_running_state_and_events_in_both_streams(store, client):
     job_id = new_job_id()
     claim = store.claim(job_id, "w1", lease_s=60, job={"job_id": job_id}, now=1000.0)
     assert (claim.outcome, claim.state, claim.attempt, claim.created_at) == (CLAIMED, schema.RUNNING, 1, 1000.0)
-    state = client.hgetall(schema.job_key(job_id))
-    assert state["state"] == "running" and state["attempt"] == "1" and state["worker"] == "w1"
-    assert float(state["started_at"]) == 1000.0 and float(state["lease_until"]) == 1060.0
-    assert json.loads(state["job"]) == {"job_id": job_id}
+    fields = client.hgetall(state.job_key(job_id))
+    assert fields["state"] == "running" and fields["attempt"] == "1" and fields["worker"] == "w1"
+    assert float(fields["started_at"]) == 1000.0 and float(fields["lease_until"]) == 1060.0
+    assert json.loads(fields["job"]) == {"job_id": job_id}
     [event] = events(client, job_id)
     assert event == {"job_id": job_id, "type": "state", "state": "running", "step": 0, "total_steps": 0,
                      "ts": 1000.0, "data": {"attempt": 1, "worker": "w1"}}
-    shared = [schema.parse_event(f) for _, f in client.xrange(schema.EVENTS_STREAM) if f["job_id"] == job_id]
+    shared = [state.parse_event(f) for _, f in client.xrange(state.EVENTS_STREAM) if f["job_id"] == job_id]
     assert shared == [event]
-    assert 0 < client.ttl(schema.job_key(job_id)) <= TTL_S
-    assert 0 < client.ttl(schema.job_events_key(job_id)) <= TTL_S
+    assert 0 < client.ttl(state.job_key(job_id)) <= TTL_S
+    assert 0 < client.ttl(state.job_events_key(job_id)) <= TTL_S
 
 
 def test_live_lease_of_another_worker_is_not_claimed_again(store):
@@ -101,15 +106,15 @@ def test_stale_attempt_cannot_write(store):
 
 def test_claim_of_a_submitted_job_reports_its_submission_time(store, client):
     job_id = new_job_id()
-    client.hset(schema.job_key(job_id), mapping=schema.queued_state_fields({"job_id": job_id}, now=50.0))
+    submit(client, job_id, now=50.0)
     claim = store.claim(job_id, "w1", lease_s=60, job=None, now=60.0)
     assert (claim.outcome, claim.created_at) == (CLAIMED, 50.0)
-    assert json.loads(client.hget(schema.job_key(job_id), "job")) == {"job_id": job_id}   # kept, not replaced
+    assert json.loads(client.hget(state.job_key(job_id), "job")) == {"job_id": job_id}   # kept, not replaced
 
 
 def test_queued_job_can_be_canceled_without_an_attempt(store, client):
     job_id = new_job_id()
-    client.hset(schema.job_key(job_id), mapping=schema.queued_state_fields({"job_id": job_id}))
+    submit(client, job_id)
     assert store.finish(job_id, schema.CANCELED, error={"code": "canceled", "message": "by request"})
     assert store.status(job_id).state == schema.CANCELED
     assert not store.finish(new_job_id(), schema.CANCELED)   # no hash: nothing to end
@@ -138,7 +143,7 @@ def test_shared_stream_is_capped(client):
         job_id = new_job_id()
         store.claim(job_id, "w", lease_s=60, job={})
     # MAXLEN ~ trims whole stream nodes (100 entries by default), never below the cap.
-    assert 10 <= client.xlen(schema.EVENTS_STREAM) <= 210
+    assert 10 <= client.xlen(state.EVENTS_STREAM) <= 210
 
 
 class FakeClock:
@@ -168,8 +173,8 @@ def test_reporter_stops_on_cancel_flag_and_on_deadline(store, client):
     clock = FakeClock()
     reporter = ProgressReporter(store, job_id, attempt, interval_s=0, deadline=5.0, clock=clock)
     assert reporter(1, 10) is True
-    client.set(schema.cancel_key(job_id), "1")
+    client.set(state.cancel_key(job_id), "1")
     assert reporter(2, 10) is False
-    client.delete(schema.cancel_key(job_id))
+    client.delete(state.cancel_key(job_id))
     clock.now = 6.0
     assert reporter(3, 10) is False

@@ -17,11 +17,9 @@ from typing import Callable
 import torch
 
 import kernels
-from worker import metrics
+from worker.inference.names import GRAPH_MODES
 
 log = logging.getLogger("inpaint.denoise")
-
-GRAPH_MODES = ("auto", "on", "off")
 
 
 class InpaintCancelled(Exception):
@@ -177,7 +175,6 @@ def capture_cuda_graph(unet, sampler, inputs: DenoiseInputs, begin: int) -> _Gra
     with torch.cuda.graph(graph, pool=_POOL):
         denoise_step(unet, sampler, state)
     log.info("cuda graph captured", extra={"key": repr(graph_key(sampler, inputs))})
-    metrics.record_graph_captured()
     return _Graph(graph=graph, state=state, sampler=sampler)
 
 
@@ -192,6 +189,11 @@ class DenoiseRunner:
         # partial, not a lambda over self: no reference cycle keeps a dropped runner's graphs and UNet alive
         self.graphs = GraphCache(max_graphs, functools.partial(self._capture_fn, unet))
         self._failed_keys: set = set()
+
+    @property
+    def captures(self) -> int:
+        """CUDA graphs this runner captured so far (the service reads it into its metrics)."""
+        return self.graphs.captures
 
     def uses_graphs(self, device: torch.device) -> bool:
         return self.mode != "off" and (device.type == "cuda" or self._capture_fn is not capture_cuda_graph)

@@ -21,11 +21,11 @@ from PIL import Image
 from worker.inference import imaging
 from worker.inference.denoise import DenoiseInputs, DenoiseRunner, InpaintCancelled
 from worker.inference.model.loader import ModelComponents, load_components
-from worker.inference.schedulers import SCHEDULERS, make_sampler, scheduler_name_for_config
+from worker.inference.names import MAX_SEED, SCHEDULERS
+from worker.inference.schedulers import make_sampler, scheduler_name_for_config
 
 __all__ = ["InpaintPipeline", "InpaintCancelled", "InpaintArgumentError", "SCHEDULERS"]
 
-MAX_SEED = 2**63 - 1
 # diffusers' StableDiffusionXLInpaintPipeline defaults, for models whose time ids end in an aesthetic score.
 AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5
 

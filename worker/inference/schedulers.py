@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-SCHEDULERS = ("pndm", "ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras")
+from worker.inference.names import SCHEDULERS
 
 _CLASS_NAMES = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler",
                 "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",

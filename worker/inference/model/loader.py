@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from worker.inference.model.text import DualTextEncoder, TextEncoder
 from worker.inference.model.unet import UNet2DConditionModel, UNetConfig
 from worker.inference.model.vae import AutoencoderKL, VAEConfig
+from worker.inference.names import DTYPES, dtype_key
 
 log = logging.getLogger("inpaint.loader")
 
@@ -46,8 +47,6 @@ SDXL_TEXT_ENCODERS = {"text_encoder": ("tokenizer", "CLIPTextModel"),
 # diffusers renames them on load, and so do we (only where the new name is a key the model expects).
 LEGACY_ATTENTION_KEY = re.compile(r"^(?P<block>.+)\.(?P<name>query|key|value|proj_attn)\.(?P<kind>weight|bias)$")
 LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
 TEXT_MODEL_PREFIX = "text_model."
 LISTED_KEYS = 8  # how many offending keys an error message lists
 
@@ -123,10 +122,10 @@ def resolve_device(device) -> torch.device:
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     if dtype is None:
         return torch.float16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+    if isinstance(dtype, torch.dtype) and str(dtype).removeprefix("torch.") in DTYPES.values():
         return dtype
-    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPES:
-        return DTYPES[dtype.lower().removeprefix("torch.")]
+    if isinstance(dtype, str) and dtype_key(dtype) in DTYPES:
+        return getattr(torch, DTYPES[dtype_key(dtype)])
     raise ValueError(f"dtype must be one of float16, bfloat16, float32 (or a torch dtype of those); got {dtype!r}")
 
 
