@@ -159,7 +159,9 @@ class Job:
     mask: str
     prompt: str
     output: OutputSpec
-    negative_prompt: str = ""
+    # null = none given. SD1.5 models treat null and "" alike (as diffusers does); SDXL models with
+    # force_zeros_for_empty_prompt use zero negative embeddings for null and encode "" as text.
+    negative_prompt: str | None = None
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
     strength: float = 1.0
@@ -196,7 +198,7 @@ class Job:
         parse_s3_uri("image", self.image)
         parse_s3_uri("mask", self.mask)
         _check_type("prompt", self.prompt, str)
-        _check_type("negative_prompt", self.negative_prompt, str)
+        _check_type("negative_prompt", self.negative_prompt, str, nullable=True)
         _check_int("num_inference_steps", self.num_inference_steps, 1)
         _check_type("guidance_scale", self.guidance_scale, (int, float))
         if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:

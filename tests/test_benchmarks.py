@@ -72,9 +72,11 @@ def test_kernels_smoke_needs_the_interpreter():
     assert result.returncode != 0 and "TRITON_INTERPRET=1" in result.stderr
 
 
-def test_pipeline_gpu_smoke_writes_one_row_per_variant(tmp_path):
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_pipeline_gpu_smoke_writes_one_row_per_variant(tmp_path, family):
     out = tmp_path / "pipeline.md"
-    result = run_script("benchmarks.pipeline_gpu", "--smoke", "--kernels", "torch", "--out", str(out))
+    result = run_script("benchmarks.pipeline_gpu", "--smoke", "--family", family, "--kernels", "torch",
+                        "--out", str(out))
     assert result.returncode == 0, result.stderr
     rows = table_rows(out.read_text())
     assert [(row[0], row[1]) for row in rows] == [("ours graphs=off kernels=torch", "1"), ("diffusers (SDPA)", "1")]
@@ -91,7 +93,7 @@ def test_gpu_scripts_refuse_to_run_without_cuda(module):
     assert result.returncode != 0 and "needs a CUDA GPU" in result.stderr
 
 
-@pytest.mark.parametrize("module", ["benchmarks.queue", "benchmarks.api"])
+@pytest.mark.parametrize("module", ["benchmarks.queue", "benchmarks.api", "benchmarks.pipeline_cpu_sdxl"])
 def test_cpu_scripts_import(module):
     assert callable(importlib.import_module(module).main)
 

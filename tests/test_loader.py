@@ -370,3 +370,73 @@ def test_tiny_writer_is_deterministic_and_has_a_cli(tmp_path, tiny_model_dir):
 def test_text_encoder_from_folder_directly(tiny_model_dir):
     encoder = TextEncoder.from_folder(tiny_model_dir, "cpu", torch.float32)
     assert encoder.hidden_size == 32 and encoder.device == torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-sdxl"), family="sdxl")
+
+
+@pytest.fixture
+def sdxl_copy(sdxl_dir, tmp_path):
+    return shutil.copytree(sdxl_dir, tmp_path / "sdxl")
+
+
+def _edit_index(folder, **changes):
+    path = folder / "model_index.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+
+
+def test_sdxl_folder_loads_two_encoders_and_matches_diffusers_encode_prompt(sdxl_dir):
+    diffusers = pytest.importorskip("diffusers")
+    components = load_components(str(sdxl_dir), device="cpu", dtype=torch.float32)
+    assert components.family.name == "sdxl" and components.family.force_zeros_for_empty_prompt
+    assert not components.family.requires_aesthetics_score and components.unet.config.text_time
+    pipe = diffusers.StableDiffusionXLInpaintPipeline.from_pretrained(sdxl_dir, add_watermarker=False)
+    prompts = ["a photo of a cat", "", LONG_PROMPT]
+    theirs, _, their_pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
+    hidden, pooled = components.text_encoder.encode_with_pooled(prompts)
+    assert hidden.shape == (3, 77, 64) and pooled.shape == (3, 32)
+    assert torch.equal(hidden, theirs) and torch.equal(pooled, their_pooled)
+
+
+def test_sdxl_vae_runs_in_float32_under_float16(sdxl_dir, tiny_model_dir):
+    sdxl = load_components(str(sdxl_dir), device="cpu", dtype=torch.float16)
+    assert sdxl.unet.conv_in.weight.dtype == torch.float16 and sdxl.vae.encoder.conv_in.weight.dtype == torch.float32
+    sd15 = load_components(str(tiny_model_dir), device="cpu", dtype=torch.float16)  # SD1.5 pipelines never upcast
+    assert sd15.vae.encoder.conv_in.weight.dtype == torch.float16
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"_class_name": "StableDiffusion3InpaintPipeline"}, "'StableDiffusion3InpaintPipeline' is not a supported"),
+    ({"text_encoder": [None, None]}, "without the first encoder are not supported"),
+    ({"text_encoder_2": ["transformers", "T5EncoderModel"]}, "text_encoder_2=.*T5EncoderModel"),
+    ({"requires_aesthetics_score": True}, "requires_aesthetics_score may be wrong"),
+    ({"force_zeros_for_empty_prompt": "yes"}, "force_zeros_for_empty_prompt must be true or false"),
+    ({"_class_name": "StableDiffusionInpaintPipeline"}, "addition_embed_type='text_time' does not fit the sd15"),
+])
+def test_unsupported_sdxl_layouts_are_refused_by_name(sdxl_copy, changes, message):
+    _edit_index(sdxl_copy, **changes)
+    with pytest.raises(ModelLoadError, match=message):
+        load_components(str(sdxl_copy), device="cpu")
+
+
+def test_sdxl_unet_config_features_we_lack_are_refused(sdxl_copy):
+    path = sdxl_copy / "unet" / "config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"time_cond_proj_dim": 256}))  # LCM-distilled SDXL
+    with pytest.raises(ModelLoadError, match="time_cond_proj_dim"):
+        load_components(str(sdxl_copy), device="cpu")
+
+
+def test_a_folder_without_model_index_is_named(model_copy):
+    (model_copy / "model_index.json").unlink()
+    with pytest.raises(ModelLoadError, match="missing file .*model_index.json"):
+        load_components(str(model_copy), device="cpu")
+
+
+def test_tiny_cli_writes_sdxl(tmp_path, sdxl_dir):
+    tiny_main([str(tmp_path / "xl"), "--family", "sdxl"])
+    for relative in (UNET_WEIGHTS, "text_encoder_2/model.safetensors", "tokenizer_2/special_tokens_map.json"):
+        assert (tmp_path / "xl" / relative).read_bytes() == (sdxl_dir / relative).read_bytes(), relative
+    with pytest.raises(ValueError, match="requires_aesthetics_score is an SDXL pipeline flag"):
+        write_tiny_model(tmp_path / "bad", requires_aesthetics_score=True)

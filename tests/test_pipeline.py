@@ -115,6 +115,14 @@ def test_the_library_phases_are_the_services_middle_phases():
     assert PHASES == (state.ENCODING, state.DENOISING, state.DECODING)
 
 
+def test_sd15_treats_a_none_and_an_empty_negative_prompt_alike(pipe, scene):
+    # As diffusers' StableDiffusionInpaintPipeline does; jobs submitted before null was allowed keep their images.
+    unset, empty = _run(pipe, scene, negative_prompt=None), _run(pipe, scene, negative_prompt="")
+    other = _run(pipe, scene, negative_prompt="blurry")
+    assert np.array_equal(_array(unset[0]), _array(empty[0]))
+    assert not np.array_equal(_array(unset[0]), _array(other[0]))
+
+
 def test_strength_shortens_the_schedule(pipe, scene):
     seen = []
     _run(pipe, scene, num_inference_steps=10, strength=0.3, scheduler="euler",
