@@ -7,12 +7,12 @@ import argparse
 import json
 import re
 import signal
+import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError
-from PIL import Image, UnidentifiedImageError
 from redis.exceptions import RedisError
 
 from api_client import schema, state
@@ -302,29 +302,40 @@ def _fetch(args) -> int:
 
 
 def _run(args) -> int:
-    # The one import of the worker side (and torch) in api_client: only `inpaint run` needs it, so it happens here.
-    try:
-        from worker import local_run
-        from worker.inference.model.loader import ModelLoadError
-    except ImportError as error:
-        raise UsageError(f"run: the in-process runner needs the worker extra (pip install 'inpaint-fleet[worker]'): "
-                         f"{error}") from None
+    # The worker side (and torch) runs in a process of its own (worker/local_run.py): api_client never imports it.
+    request = {"model": args.model, "image": args.image, "mask": args.mask, "prompt": args.prompt,
+               "out": str(args.out), "options": job_options(args), "device": args.device, "dtype": args.dtype}
     display = None if args.json else ProgressDisplay(sys.stderr)
-    progress = None if display is None else (lambda step, total: display.update(step, total, "running"))
     try:
-        files = local_run.run_local(args.model, args.image, args.mask, args.prompt, args.out, job_options(args),
-                                    device=args.device, dtype=args.dtype, progress=progress)
-    except UnidentifiedImageError as error:  # PIL's error for an --image or --mask that is no image
-        raise UsageError(f"run: {error}") from None
-    except Image.DecompressionBombError as error:   # a header claiming a huge size: refused before decoding
-        raise schema.JobError(schema.LIMIT_EXCEEDED, f"run: {error}") from None
-    except ModelLoadError as error:
-        raise CommandFailed(error.code, f"run: {error}") from None
+        outcome = _run_worker_process(request, display)
     finally:
         if display is not None:
             display.close()
-    _print(args, {"files": [str(f) for f in files]}, "\n".join(map(str, files)))
+    if "error" in outcome:
+        error = outcome["error"]
+        if error["kind"] == "job":
+            raise schema.JobError(error["code"], error["message"])
+        if error["kind"] == "usage":
+            raise UsageError(error["message"])
+        raise CommandFailed(error["code"], error["message"])
+    _print(args, {"files": outcome["files"]}, "\n".join(outcome["files"]))
     return EXIT_OK
+
+
+def _run_worker_process(request: dict, display: "ProgressDisplay | None") -> dict:
+    """Start `python -m worker.local_run`, hand it the request, show its progress; its final message."""
+    with subprocess.Popen([sys.executable, "-m", "worker.local_run"], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True) as process:
+        process.stdin.write(json.dumps(request))
+        process.stdin.close()
+        for line in process.stdout:
+            message = json.loads(line)
+            if "progress" not in message:
+                return message
+            if display is not None:
+                display.update(*message["progress"], "running")
+    raise CommandFailed(schema.INTERNAL, f"run: the worker process ended (status {process.returncode}) without an "
+                                         "answer; its messages are above")
 
 
 def _follow(args, client: InpaintClient, job_id: str, timeout: float | None) -> None:

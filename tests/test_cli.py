@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -20,6 +21,7 @@ from tests.test_client import (BUCKET, QUEUE, finish, picture, png_bytes, queued
 from tests import devstack
 
 __all__ = ["services", "store", "s3"]  # fixtures shared with tests/test_client.py
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -270,13 +272,16 @@ def test_run_refuses_bad_options_before_loading_the_model(inputs, capsys, tmp_pa
 
 
 def test_run_without_the_worker_extra_says_what_to_install(inputs, tmp_path):
-    code = ("import sys; sys.modules['worker.local_run'] = None\n"
-            "from api_client import cli\n"
-            f"sys.exit(cli.main(['run', '--model', 'm', '--image', {str(inputs[0])!r}, '--mask', "
-            f"{str(inputs[1])!r}, '--prompt', 'p', '--out', {str(tmp_path / 'o.png')!r}]))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2
-    assert "pip install 'inpaint-fleet[worker]'" in result.stderr
+    # A client-only install: torch cannot be imported (a stand-in package that raises, first on the path).
+    blocker = tmp_path / "no-torch" / "torch"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker.parent), str(ROOT)])}
+    result = subprocess.run([sys.executable, "-m", "api_client.cli", "run", "--model", "m", "--image",
+                             str(inputs[0]), "--mask", str(inputs[1]), "--prompt", "p", "--out",
+                             str(tmp_path / "o.png")], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2, result.stderr
+    assert "pip install 'inpaint-fleet[worker]'" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_run_with_a_missing_model_exits_1_model_unavailable(inputs, capsys, tmp_path):
