@@ -43,8 +43,8 @@ def render_job(job_id: str, values: dict, presign: Callable[[str], str] | None =
 
     presign(uri) -> URL renews the result's image URLs; queue_position is shown while the job is queued."""
     status = schema.JobStatus.from_hash(job_id, values)
-    return {"id": job_id, "state": status.state, "step": status.step, "total_steps": status.total_steps,
-            "queue_position": queue_position if status.state == schema.QUEUED else None,
+    return {"id": job_id, "state": status.state, "phase": status.phase or None,
+            "step": status.step, "total_steps": status.total_steps, "queue_position": queue_position if status.state == schema.QUEUED else None,
             "attempt": status.attempt, "queue": values.get("queue") or None,
             "created_at": iso_time(status.created_at), "started_at": iso_time(status.started_at),
             "finished_at": iso_time(status.finished_at), "error": status.error,

@@ -23,12 +23,10 @@ from api.settings import ApiSettings
 from api_client import keys, schema, state
 from api_client.client import AsyncInpaintClient
 
-__all__ = ["JobService", "Submitted", "API_FIELDS", "WEBHOOK_EVENTS"]
+__all__ = ["JobService", "Submitted", "API_FIELDS"]
 
 # Body fields of POST /v1/jobs beyond the job schema's (DESIGN §8).
 API_FIELDS = ("queue", "webhook", "webhook_events_filter", "output_format")
-WEBHOOK_EVENTS = ("start", "progress", "completed")
-DEFAULT_WEBHOOK_EVENTS = ["completed"]
 _DATA_URI = re.compile(r"^data:(image/[a-z0-9.+-]+)?(;[a-z0-9=._-]+)*;base64,", re.IGNORECASE)
 _ENTRY_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 
@@ -77,7 +75,8 @@ class JobService:
         """Check, admit (rate, active cap, Idempotency-Key) and submit the job of a POST /v1/jobs body."""
         if not isinstance(body, dict):
             raise schema.JobError(schema.INVALID_INPUT, f"body: expected a JSON object, got {type(body).__name__}")
-        request = _JobRequest.parse(body, key, self.settings)
+        # In a thread: the webhook URL check resolves its host, which would block the event loop.
+        request = await asyncio.to_thread(_JobRequest.parse, body, key, self.settings)
         job_id = uuid.uuid4().hex
         submission = await asyncio.to_thread(self._prepare, request, job_id)
         outcome, admitted_id = await self._admit_job(key, job_id, _digest(body), idempotency)
@@ -312,9 +311,9 @@ def _webhook_fields(body: dict, settings: ApiSettings) -> tuple[str | None, list
     webhook = body.pop("webhook", None)
     events = body.pop("webhook_events_filter", None)
     if events is None:
-        events = list(DEFAULT_WEBHOOK_EVENTS)
-    if not isinstance(events, list) or not events or any(e not in WEBHOOK_EVENTS for e in events):
-        raise _invalid(f"webhook_events_filter: expected a non-empty list of {', '.join(WEBHOOK_EVENTS)}")
+        events = list(webhooks.DEFAULT_EVENTS)
+    if not isinstance(events, list) or not events or any(e not in webhooks.EVENT_FILTERS for e in events):
+        raise _invalid(f"webhook_events_filter: expected a non-empty list of {', '.join(webhooks.EVENT_FILTERS)}")
     if webhook is None:
         return None, events
     if not isinstance(webhook, str):
@@ -323,7 +322,7 @@ def _webhook_fields(body: dict, settings: ApiSettings) -> tuple[str | None, list
         webhooks.check_webhook_url(webhook, settings.webhook_hosts)
     except ValueError as error:
         raise _invalid(f"webhook: {error}") from None
-    return webhook, sorted(set(events), key=WEBHOOK_EVENTS.index)
+    return webhook, sorted(set(events), key=webhooks.EVENT_FILTERS.index)
 
 
 def _input(name: str, value, key: keys.ApiKey, settings: ApiSettings):

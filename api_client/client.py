@@ -5,6 +5,7 @@ environment variables (DESIGN §6), and sends the `inpaint.run` task by name thr
 worker (nor torch). `InpaintClient` is blocking; `AsyncInpaintClient` has the same methods as coroutines.
 """
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -19,20 +20,20 @@ import redis.asyncio
 import redis.asyncio.retry
 import redis.retry
 from redis.backoff import NoBackoff
+from botocore.exceptions import ClientError
 from celery import Celery
 from PIL import Image
 
-from api_client import schema, state
+from api_client import inputs, schema, state
 from api_client.http import HttpInpaintClient
-from api_client.inputs import encoded_image
-from api_client.s3 import s3_client
+from api_client.s3 import is_missing_bucket, missing_bucket_message, s3_client
 from api_client.schema import redact_url
 
 __all__ = ["InpaintClient", "AsyncInpaintClient", "ClientConfig", "EnqueueError"]
 
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 DEFAULT_QUEUE = "inpaint"
-INPUT_FORMATS = schema.INPUT_FORMATS
+CANCELABLE_STATES = (schema.QUEUED, schema.RUNNING)   # a cancel of a job in another state changes nothing
 # How long one blocking stream read waits before the client re-reads the job's hash (a job whose stream expired
 # or was trimmed still ends the iteration).
 EVENT_BLOCK_MS = 1000
@@ -52,6 +53,7 @@ class ClientConfig:
     queue: str = DEFAULT_QUEUE
     state_ttl_s: int = state.STATE_TTL_SECONDS
     events_maxlen: int = state.EVENTS_STREAM_MAXLEN
+    limits: schema.Limits = schema.Limits()   # the workers' limits, checked before anything is sent
 
     @classmethod
     def from_env(cls, environ=None) -> "ClientConfig":
@@ -63,7 +65,8 @@ class ClientConfig:
                    bucket=env.get("INPAINT_BUCKET") or None,
                    queue=env.get("INPAINT_QUEUE") or DEFAULT_QUEUE,
                    state_ttl_s=_int_variable(env, "INPAINT_STATE_TTL_S", state.STATE_TTL_SECONDS),
-                   events_maxlen=_int_variable(env, "INPAINT_EVENTS_MAXLEN", state.EVENTS_STREAM_MAXLEN))
+                   events_maxlen=_int_variable(env, "INPAINT_EVENTS_MAXLEN", state.EVENTS_STREAM_MAXLEN),
+                   limits=_limits_from_env(env))
 
 
 @dataclass(frozen=True)
@@ -88,11 +91,12 @@ class _ClientCore:
     def __init__(self, broker_url: str = DEFAULT_BROKER_URL, state_url: str | None = None,
                  s3_endpoint_url: str | None = None, bucket: str | None = None, queue: str = DEFAULT_QUEUE,
                  state_ttl_s: int = state.STATE_TTL_SECONDS, events_maxlen: int = state.EVENTS_STREAM_MAXLEN,
-                 timeout_s: float | None = None):
+                 timeout_s: float | None = None, limits: schema.Limits = schema.Limits()):
         """timeout_s: connect and read timeout of each Redis, S3 and broker call (None: the libraries' own, S3's
-        10 s connect and 60 s read); a server that needs answers fast (the HTTP API) sets it short."""
+        10 s connect and 60 s read); a server that needs answers fast (the HTTP API) sets it short.
+        limits: the workers' limits, checked before anything is sent."""
         self.config = ClientConfig(broker_url, state_url, s3_endpoint_url, bucket, queue, state_ttl_s,
-                                   events_maxlen)
+                                   events_maxlen, limits)
         self._s3 = s3_client(s3_endpoint_url, timeout_s)
         self._celery = _celery_app(broker_url, timeout_s)
         self._redis = self._redis_class.from_url(state_url or broker_url, decode_responses=True,
@@ -113,7 +117,8 @@ class _ClientCore:
         return cls(**{f.name: getattr(config, f.name) for f in fields(config)})
 
     def _prepare(self, image, mask, prompt: str, options: dict) -> _Submission:
-        """The validated job and the input files to upload; raises ValueError before anything is sent."""
+        """The validated job and the input files to upload; raises JobError (a ValueError) before anything is sent:
+        unreadable or mismatched inputs, anything over the workers' limits, a bad field."""
         options = dict(options)
         job_id = options.pop("job_id", None) or uuid.uuid4().hex
         if "output" in options:  # the client picks the destination: its bucket, under jobs/<job_id>/
@@ -121,12 +126,11 @@ class _ClientCore:
         output_format = options.pop("output_format", "png")
         bucket = self._require_bucket()
         uploads, uris = [], {}
-        for name, value in (("image", image), ("mask", mask)):
-            if isinstance(value, str) and value.startswith("s3://"):
+        for name, value in inputs.check_submission(image, mask, prompt, options, self.config.limits).items():
+            if isinstance(value, str):   # an s3:// URI, sent as it is
                 uris[name] = value
                 continue
-            body, extension = encoded_image(name, value)
-            uploads.append(_Upload(f"inputs/{job_id}/{name}.{extension}", body, schema.CONTENT_TYPES[extension]))
+            uploads.append(_Upload(f"inputs/{job_id}/{name}.{value.extension}", value.body, value.content_type))
             uris[name] = f"s3://{bucket}/{uploads[-1].key}"
         job = schema.Job.from_dict({
             "job_id": job_id, "image": uris["image"], "mask": uris["mask"], "prompt": prompt, **options,
@@ -139,8 +143,20 @@ class _ClientCore:
         return self.config.bucket
 
     def _upload(self, upload: _Upload) -> None:
-        self._s3.put_object(Bucket=self.config.bucket, Key=upload.key, Body=upload.body,
-                            ContentType=upload.content_type)
+        with self._bucket_named(self.config.bucket):
+            self._s3.put_object(Bucket=self.config.bucket, Key=upload.key, Body=upload.body,
+                                ContentType=upload.content_type)
+
+    @contextlib.contextmanager
+    def _bucket_named(self, bucket: str):
+        """S3's NoSuchBucket, which names neither the bucket nor the endpoint, as a storage_unavailable JobError
+        that names both and says how to create the bucket."""
+        try:
+            yield
+        except ClientError as error:
+            if not is_missing_bucket(error):
+                raise
+            raise schema.JobError(schema.STORAGE_UNAVAILABLE, missing_bucket_message(self._s3, bucket)) from None
 
     def _send(self, job: dict, queue: str | None = None) -> None:
         """Publish the task by name, JSON, with the job_id as task id (so cancel can revoke it), on `queue`
@@ -179,7 +195,8 @@ class _ClientCore:
         return [schema.parse_s3_uri("result", image["uri"]) for image in status.result["images"]]
 
     def _get_bytes(self, bucket: str, key: str) -> bytes:
-        return self._s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        with self._bucket_named(bucket):
+            return self._s3.get_object(Bucket=bucket, Key=key)["Body"].read()
 
     def _get_image(self, bucket: str, key: str) -> Image.Image:
         image = Image.open(io.BytesIO(self._get_bytes(bucket, key)))
@@ -204,7 +221,7 @@ class InpaintClient(_ClientCore):
         API); otherwise a client of the fleet's Redis and S3, configured by the INPAINT_* variables."""
         env = os.environ if environ is None else environ
         if env.get("INPAINT_API_URL") and env.get("INPAINT_API_KEY"):
-            return HttpInpaintClient.from_env(env)
+            return HttpInpaintClient(env["INPAINT_API_URL"], env["INPAINT_API_KEY"], limits=_limits_from_env(env))
         return super().from_env(environ)
 
     def close(self) -> None:
@@ -270,10 +287,15 @@ class InpaintClient(_ClientCore):
         Path(folder).mkdir(parents=True, exist_ok=True)
         return [self._save(bucket, key, folder) for bucket, key in locations]
 
-    def cancel(self, job_id: str) -> None:
-        """Set the job's cancel flag (read between denoise steps), end it now if still queued, revoke the task."""
-        self._cancel(job_id)
-        self._revoke(job_id)
+    def cancel(self, job_id: str) -> str:
+        """Cancel the job; returns the state the cancel found (one atomic step, see state.CANCEL):
+        `queued` (it is `canceled` now), `running` (its cancel flag is set: it stops at its next denoise step and
+        ends `canceled`), a final state (`succeeded`, `failed`, `canceled`: nothing changed) or `expired` (no such
+        job: nothing changed). A queued or running job's task is also revoked, so workers drop its messages."""
+        found = self._cancel(job_id)
+        if found in CANCELABLE_STATES:
+            self._revoke(job_id)
+        return found
 
 
 class AsyncInpaintClient(_ClientCore):
@@ -352,9 +374,11 @@ class AsyncInpaintClient(_ClientCore):
         await asyncio.to_thread(Path(folder).mkdir, parents=True, exist_ok=True)
         return list(await asyncio.gather(*(asyncio.to_thread(self._save, b, k, folder) for b, k in locations)))
 
-    async def cancel(self, job_id: str) -> None:
-        await self._cancel(job_id)
-        await asyncio.to_thread(self._revoke, job_id)
+    async def cancel(self, job_id: str) -> str:
+        found = await self._cancel(job_id)
+        if found in CANCELABLE_STATES:
+            await asyncio.to_thread(self._revoke, job_id)
+        return found
 
 
 class _EventReader:
@@ -433,3 +457,10 @@ def _int_variable(env, variable: str, default: int) -> int:
     except ValueError:
         raise ValueError(f"{variable}: expected an integer, got {value!r}") from None
 
+
+def _limits_from_env(env) -> schema.Limits:
+    """The workers' INPAINT_MAX_* limits (DESIGN §3), read by the same names and defaults."""
+    variables = {"max_pixels": "INPAINT_MAX_PIXELS", "max_steps": "INPAINT_MAX_STEPS",
+                 "max_images": "INPAINT_MAX_IMAGES", "max_prompt_chars": "INPAINT_MAX_PROMPT_CHARS"}
+    return schema.Limits(**{name: _int_variable(env, variable, getattr(schema.Limits, name))
+                            for name, variable in variables.items()})

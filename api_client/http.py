@@ -17,8 +17,7 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-from api_client import schema
-from api_client.inputs import encoded_image
+from api_client import inputs, schema
 
 __all__ = ["HttpInpaintClient", "ApiRequestError", "job_status"]
 
@@ -43,7 +42,7 @@ def _seconds(iso_time: str | None) -> float | None:
 
 def job_status(job: dict) -> schema.JobStatus:
     """The JobStatus of an API job object (times back to seconds since the epoch)."""
-    return schema.JobStatus(job_id=job["id"], state=job["state"], step=job["step"], total_steps=job["total_steps"],
+    return schema.JobStatus(job_id=job["id"], state=job["state"], phase=job.get("phase") or "", step=job["step"], total_steps=job["total_steps"],
                             attempt=job["attempt"], created_at=_seconds(job["created_at"]),
                             started_at=_seconds(job["started_at"]), finished_at=_seconds(job["finished_at"]),
                             error=job["error"], result=job["result"])
@@ -67,8 +66,10 @@ def _raise_for_error(response: httpx.Response) -> None:
 class HttpInpaintClient:
     """Blocking client of the HTTP API with InpaintClient's methods. Use as a context manager, or call close()."""
 
-    def __init__(self, api_url: str, api_key: str, timeout_s: float = 30.0):
+    def __init__(self, api_url: str, api_key: str, timeout_s: float = 30.0, limits: schema.Limits = schema.Limits()):
+        """limits: the service's limits, checked before anything is sent (the API checks them again)."""
         self.api_url = api_url.rstrip("/")
+        self.limits = limits
         self._http = httpx.Client(base_url=self.api_url, headers={"Authorization": f"Bearer {api_key}"},
                                   timeout=timeout_s)
 
@@ -96,7 +97,9 @@ class HttpInpaintClient:
 
     def submit(self, image, mask, prompt: str, **job_options) -> str:
         """Send the job (local images inline as data URIs); returns the job id the service gave it."""
-        body = {"image": _input("image", image), "mask": _input("mask", mask), "prompt": prompt, **job_options}
+        options = {name: value for name, value in job_options.items() if name not in ("job_id", "output_format")}
+        checked = inputs.check_submission(image, mask, prompt, options, self.limits)
+        body = {"image": _input(checked["image"]), "mask": _input(checked["mask"]), "prompt": prompt, **job_options}
         idempotency = body.pop("job_id", None)
         headers = {"Idempotency-Key": idempotency} if idempotency else {}
         return self._request("POST", "/v1/jobs", json=body, headers=headers)["id"]
@@ -184,12 +187,18 @@ class HttpInpaintClient:
             files.append(("-".join(key.split("/")[-2:]), response.content))
         return files
 
-    def cancel(self, job_id: str) -> None:
-        self._request("POST", f"/v1/jobs/{job_id}/cancel")
+    def cancel(self, job_id: str) -> str:
+        """Cancel the job; returns the state it was in, as InpaintClient.cancel does (`expired` for an unknown
+        job, a final state when there was nothing to cancel). The API's cancel itself is atomic; the state is read
+        just before it."""
+        found = self.status(job_id).state
+        if found in (schema.QUEUED, schema.RUNNING):
+            self._request("POST", f"/v1/jobs/{job_id}/cancel")
+        return found
 
 
-def _input(name: str, value) -> str:
-    if isinstance(value, str) and value.startswith("s3://"):
+def _input(value: "inputs.LocalImage | str") -> str:
+    """A checked input as the API takes it: s3:// URIs as they are, local files inline as data URIs."""
+    if isinstance(value, str):
         return value
-    body, extension = encoded_image(name, value)
-    return f"data:{schema.CONTENT_TYPES[extension]};base64,{base64.b64encode(body).decode()}"
+    return f"data:{value.content_type};base64,{base64.b64encode(value.body).decode()}"

@@ -1,6 +1,9 @@
-"""The one S3 client configuration, shared by the client and the worker."""
+"""The one S3 client configuration, shared by the client and the worker, and how both name a missing bucket."""
 import boto3
 from botocore.config import Config
+from botocore.exceptions import ClientError
+
+MISSING_BUCKET = "NoSuchBucket"
 
 
 def s3_client(endpoint_url: str | None, timeout_s: float | None = None):
@@ -13,3 +16,15 @@ def s3_client(endpoint_url: str | None, timeout_s: float | None = None):
                     request_checksum_calculation="when_required",
                     response_checksum_validation="when_required")
     return boto3.client("s3", endpoint_url=endpoint_url or None, config=config)
+
+
+def is_missing_bucket(error: ClientError) -> bool:
+    return error.response.get("Error", {}).get("Code") == MISSING_BUCKET
+
+
+def missing_bucket_message(client, bucket: str) -> str:
+    """What to say when S3 answers NoSuchBucket: which bucket, where, and how to make it."""
+    endpoint = client.meta.endpoint_url
+    return (f"bucket {bucket!r} does not exist at {endpoint}; create it (e.g. `aws s3 mb s3://{bucket} "
+            f"--endpoint-url {endpoint}`, or `mc mb ALIAS/{bucket}` for MinIO) or set INPAINT_BUCKET to a bucket "
+            "that exists")

@@ -2,8 +2,8 @@
 
 Public names:
 - `Job`, `OutputSpec`: a validated job; `Job.from_dict(d)` (raises `JobError` invalid_input), `Job.to_dict()`.
-- `Limits`: max_pixels, max_steps, max_images, max_prompt_chars; `Limits.check_job(job)`, `Limits.check_size(w, h)`
-  (raise `JobError` limit_exceeded).
+- `Limits`: max_pixels, max_steps, max_images, max_prompt_chars; `Limits.check_job(job)`, `Limits.check_fields(d)`,
+  `Limits.check_size(w, h)`, `check_pixels(name, w, h, max_pixels)` (raise `JobError` limit_exceeded).
 - `JobError(code, message)` (a ValueError) and the codes `INVALID_INPUT`, `INPUT_NOT_FOUND`, `LIMIT_EXCEEDED`,
   `STORAGE_UNAVAILABLE`, `MODEL_UNAVAILABLE`, `CANCELED_ERROR`, `TIMEOUT`, `INTERNAL`; `ERROR_CODES`,
   `TRANSIENT_ERRORS` (retried), the rest permanent.
@@ -159,7 +159,9 @@ class Job:
     mask: str
     prompt: str
     output: OutputSpec
-    negative_prompt: str = ""
+    # null = none given. SD1.5 models treat null and "" alike (as diffusers does); SDXL models with
+    # force_zeros_for_empty_prompt use zero negative embeddings for null and encode "" as text.
+    negative_prompt: str | None = None
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
     strength: float = 1.0
@@ -196,7 +198,7 @@ class Job:
         parse_s3_uri("image", self.image)
         parse_s3_uri("mask", self.mask)
         _check_type("prompt", self.prompt, str)
-        _check_type("negative_prompt", self.negative_prompt, str)
+        _check_type("negative_prompt", self.negative_prompt, str, nullable=True)
         _check_int("num_inference_steps", self.num_inference_steps, 1)
         _check_type("guidance_scale", self.guidance_scale, (int, float))
         if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
@@ -241,21 +243,37 @@ class Limits:
     max_prompt_chars: int = 2000
 
     def check_job(self, job: Job) -> None:
-        checks = (("num_inference_steps", job.num_inference_steps, self.max_steps),
-                  ("num_images", job.num_images, self.max_images),
-                  ("prompt", len(job.prompt), self.max_prompt_chars),
-                  ("negative_prompt", len(job.negative_prompt), self.max_prompt_chars))
-        for name, value, limit in checks:
-            if value > limit:
-                unit = " characters" if "prompt" in name else ""
-                raise JobError(LIMIT_EXCEEDED, f"{name}: {value}{unit} is over the limit of {limit}{unit}")
+        self.check_fields(job.to_dict())
         if job.width is not None and job.height is not None:
             self.check_size(job.width, job.height)
 
-    def check_size(self, width: int, height: int) -> None:
-        if width * height > self.max_pixels:
-            raise JobError(LIMIT_EXCEEDED, f"size: {width}x{height} = {width * height} pixels is over the limit "
-                                           f"of {self.max_pixels} pixels")
+    def check_fields(self, values: dict) -> None:
+        """The limits on a job's fields, given by name (absent ones have the schema's defaults); values of the wrong
+        type are left to Job.from_dict."""
+        defaults = {item.name: item.default for item in fields(Job)}
+        value = lambda name: values.get(name, defaults.get(name))   # noqa: E731
+        checks = (("num_inference_steps", value("num_inference_steps"), self.max_steps),
+                  ("num_images", value("num_images"), self.max_images),
+                  ("prompt", _length(value("prompt")), self.max_prompt_chars),
+                  ("negative_prompt", _length(value("negative_prompt")), self.max_prompt_chars))
+        for name, number, limit in checks:
+            if isinstance(number, int) and not isinstance(number, bool) and number > limit:
+                unit = " characters" if "prompt" in name else ""
+                raise JobError(LIMIT_EXCEEDED, f"{name}: {number}{unit} is over the limit of {limit}{unit}")
+
+    def check_size(self, width: int, height: int, name: str = "size") -> None:
+        check_pixels(name, width, height, self.max_pixels)
+
+
+def check_pixels(name: str, width: int, height: int, max_pixels: int) -> None:
+    """limit_exceeded when width x height is over `max_pixels` (the setting INPAINT_MAX_PIXELS)."""
+    if width * height > max_pixels:
+        raise JobError(LIMIT_EXCEEDED, f"{name}: {width}x{height} = {width * height} pixels is over the limit of "
+                                       f"{max_pixels} pixels (INPAINT_MAX_PIXELS)")
+
+
+def _length(text):
+    return len(text) if isinstance(text, str) else None
 
 
 def _text(value) -> str:
@@ -283,6 +301,7 @@ class JobStatus:
     finished_at: float | None = None
     error: dict | None = None
     result: dict | None = None
+    phase: str = ""              # while running: one of state.PHASES
 
     @classmethod
     def from_hash(cls, job_id: str, mapping: dict) -> "JobStatus":
@@ -296,7 +315,8 @@ class JobStatus:
                    created_at=_float_or_none(values.get("created_at")),
                    started_at=_float_or_none(values.get("started_at")),
                    finished_at=_float_or_none(values.get("finished_at")),
-                   error=_json_or_none(values.get("error")), result=_json_or_none(values.get("result")))
+                   error=_json_or_none(values.get("error")), result=_json_or_none(values.get("result")),
+                   phase=values.get("phase") or "")
 
     @property
     def final(self) -> bool:

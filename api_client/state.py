@@ -9,7 +9,8 @@ Public names:
   (the shared stream, capped with MAXLEN ~), `LEASES_KEY` (sorted set of running jobs by lease end); defaults
   `STATE_TTL_SECONDS`, `EVENTS_STREAM_MAXLEN`.
 - Events: the types `EVENT_STATE`, `EVENT_PROGRESS`, `EVENT_RETRY`; `EVENT_FIELDS`, the entry's fields (the one place
-  a field is added: every script's `emit` and `parse_event` follow it); `parse_event(fields)`.
+  a field is added: every script's `emit` and `parse_event` follow it); `parse_event(fields)`. A running job's
+  `PHASES` (`FETCHING`, `ENCODING`, `DENOISING`, `DECODING`, `UPLOADING`), in its hash and in each event.
 - Scripts: `Script`, `SCRIPTS` (every script, by name), `define_script(name, lua, job=True)`; the job scripts
   `CREATE_QUEUED`, `CANCEL` (client), `CLAIM`, `PROGRESS`, `FINISH`, `RELEASE` (worker), `EXPIRE_LEASE`, the
   plain script `RENEW_LEASE` (lease code), and the HTTP API's plain scripts `ADMIT`, `ROLLBACK_ADMISSION`,
@@ -33,7 +34,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 __all__ = ["job_key", "job_events_key", "cancel_key", "EVENTS_STREAM", "LEASES_KEY", "STATE_TTL_SECONDS",
-           "EVENTS_STREAM_MAXLEN", "EVENT_STATE", "EVENT_PROGRESS", "EVENT_RETRY", "EventField", "EVENT_FIELDS",
+           "EVENTS_STREAM_MAXLEN", "EVENT_STATE", "EVENT_PROGRESS", "EVENT_RETRY", "PHASES", "FETCHING", "ENCODING",
+           "DENOISING", "DECODING", "UPLOADING", "EventField", "EVENT_FIELDS",
            "parse_event", "Script", "SCRIPTS", "define_script", "job_prelude", "Scripts", "CREATE_QUEUED", "CANCEL",
            "CLAIM", "PROGRESS", "FINISH", "RELEASE", "RENEW_LEASE", "EXPIRE_LEASE", "ADMIT", "ROLLBACK_ADMISSION",
            "QUEUE_POSITION", "WEBHOOKS_GROUP", "WEBHOOKS_DUE_KEY", "webhook_delivery_key", "WEBHOOK_SCHEDULE",
@@ -46,6 +48,12 @@ EVENTS_STREAM_MAXLEN = 100_000
 
 # The event types; the scripts below write them as Lua literals.
 EVENT_STATE, EVENT_PROGRESS, EVENT_RETRY = "state", "progress", "retry"
+
+# The phases of a running job, in order (the hash's and each event's `phase`): a claim starts `fetching` (the
+# inputs), the pipeline reports `encoding`, `denoising` (with step/total_steps) and `decoding`, then the worker is
+# `uploading`. A final state clears it.
+FETCHING, ENCODING, DENOISING, DECODING, UPLOADING = "fetching", "encoding", "denoising", "decoding", "uploading"
+PHASES = (FETCHING, ENCODING, DENOISING, DECODING, UPLOADING)
 
 
 def job_key(job_id: str) -> str:
@@ -84,6 +92,8 @@ EVENT_FIELDS = (
     EventField("total_steps", "tostring(total)", lambda text: int(text or 0)),
     EventField("ts", "now", lambda text: float(text or 0.0)),
     EventField("data", "data", lambda text: json.loads(text or "{}")),
+    # What a running job is doing (PHASES), as its hash says when the event is written; "" outside running.
+    EventField("phase", "field('phase', '')"),
 )
 
 
@@ -190,15 +200,19 @@ emit('state', 'queued', 0, 0, '{}')
 return 1
 """)
 
-# KEYS[4]: the cancel flag. ARGV[5]: the error JSON. Sets the flag (a running job stops at its next step); a job
-# still `queued` ends `canceled` at once, in the same step, so a worker that claims it later finds it final.
+# KEYS[4]: the cancel flag. ARGV[5]: the error JSON. Returns the state the cancel found, checked and acted on in one
+# step: 'queued' (it ends `canceled` now, so a worker that claims it later finds it final), 'running' (the flag is
+# set: the run stops at its next step), a final state or 'expired' (no hash: unknown or expired); those last two
+# are left untouched, no flag set.
 CANCEL = define_script("cancel", """
+if not state then return 'expired' end
+if final then return state end
 redis.call('SET', KEYS[4], '1', 'EX', ttl)
-if state ~= 'queued' then return 0 end
+if state ~= 'queued' then return state end
 redis.call('HSET', KEYS[1], 'state', 'canceled', 'finished_at', now, 'error', ARGV[5])
 redis.call('EXPIRE', KEYS[1], ttl)
 emit('state', 'canceled', 0, 0, '{"error": ' .. ARGV[5] .. '}')
-return 1
+return state
 """)
 
 # --- The worker's writes. A run owns the job through its `attempt` number and a lease (`lease_until`): writes
@@ -227,16 +241,17 @@ if not state then redis.call('HSET', KEYS[1], 'job_id', job_id, 'created_at', no
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'job', ARGV[7]) end
 attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[5], 'started_at', now, 'lease_until', ARGV[6],
-           'step', '0', 'total_steps', '0')
+           'step', '0', 'total_steps', '0', 'phase', 'fetching')
 redis.call('EXPIRE', KEYS[1], ttl)
 emit('state', 'running', 0, 0, '{"attempt": ' .. attempt .. ', "worker": ' .. cjson.encode(ARGV[5]) .. '}')
 return {'claimed', 'running', attempt, field('created_at', '')}
 """)
 
-# ARGV[5..7]: attempt, step, total. Only the attempt that owns the running job reports progress.
+# ARGV[5..8]: attempt, step, total, phase (one of PHASES). Only the attempt that owns the running job reports
+# progress: a denoise step, or the start of a phase.
 PROGRESS = define_script("progress", """
 if state ~= 'running' or field('attempt', '0') ~= ARGV[5] then return 0 end
-redis.call('HSET', KEYS[1], 'step', ARGV[6], 'total_steps', ARGV[7])
+redis.call('HSET', KEYS[1], 'step', ARGV[6], 'total_steps', ARGV[7], 'phase', ARGV[8])
 emit('progress', 'running', ARGV[6], ARGV[7], '{}')
 return 1
 """)
@@ -247,7 +262,7 @@ return 1
 FINISH = define_script("finish", """
 if final or not state then return 0 end
 if ARGV[6] ~= '' and field('attempt', '0') ~= ARGV[6] then return 0 end
-redis.call('HSET', KEYS[1], 'state', ARGV[5], 'finished_at', now, 'lease_until', '0')
+redis.call('HSET', KEYS[1], 'state', ARGV[5], 'finished_at', now, 'lease_until', '0', 'phase', '')
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[7]) end
 if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[8], 'step', field('total_steps', '0')) end
 redis.call('EXPIRE', KEYS[1], ttl)

@@ -4,12 +4,15 @@ SD1.5 inpainting architecture (random weights time the same as real ones), 512x5
 float16, batch 1 and 4. UNet steps/s comes from the difference between a 50-step and a 2-step run, which cancels
 the text encoder, VAE and set-up; utilisation is against 1.607 TFLOP per guided step at batch 1.
 
+--family sdxl: the SDXL inpainting architecture (random weights, written as float16 files), 1024x1024, 30 steps,
+batch 1, against StableDiffusionXLInpaintPipeline (no watermark on either side).
+
 --smoke: the tiny test model on the CPU, float32, 16x16, 3 steps, batch 1, no CUDA graphs and no torch.compile,
 to check the script runs end to end; the numbers mean nothing. kernels=triton runs on Triton's interpreter
 (TRITON_INTERPRET=1 must be set), at about 15 s per step: `--kernels torch` leaves it out.
 
-    python -m benchmarks.pipeline_gpu [--batches 1 4] [--steps 50] [--kernels triton torch] [--no-compile]
-                                      [--out results.md]
+    python -m benchmarks.pipeline_gpu [--family sd15|sdxl] [--batches 1 4] [--steps 50] [--kernels triton torch]
+                                      [--no-compile] [--out results.md]
     TRITON_INTERPRET=1 python -m benchmarks.pipeline_gpu --smoke [--kernels torch] [--out smoke.md]
 """
 import argparse
@@ -44,6 +47,7 @@ class Setup:
     tflop_per_guided_step: float | None  # at batch 1; None when unknown (the tiny model)
     graph_modes: tuple                    # CUDA graphs need CUDA: "off" only on the CPU
     write_model: Callable[[Path], Path]   # writes the model into a folder, returns it
+    family: str = "sd15"                  # "sdxl": diffusers' oracle is StableDiffusionXLInpaintPipeline
 
 
 def gpu_setup() -> Setup:
@@ -54,14 +58,23 @@ def gpu_setup() -> Setup:
                  graph_modes=("on", "off"), write_model=write_sd15_random)
 
 
-def smoke_setup() -> Setup:
+def gpu_sdxl_setup() -> Setup:
+    from benchmarks.sdxl import write_sdxl_random
+
+    return Setup(title=f"{torch.cuda.get_device_name()}, SDXL inpainting architecture", device="cuda",
+                 dtype=torch.float16, size=1024, steps=30, batches=(1,), tflop_per_guided_step=None,
+                 graph_modes=("on", "off"), write_model=write_sdxl_random, family="sdxl")
+
+
+def smoke_setup(family: str = "sd15") -> Setup:
     from worker.inference.model.tiny import write_tiny_model
 
     # 16x16 (8x8 latents): under the interpreter a Triton attention's time grows with the square of the
     # token count, and at 64x64 one UNet step would take minutes.
-    return Setup(title="CPU smoke run (tiny test model; the numbers mean nothing)", device="cpu",
+    return Setup(title=f"CPU smoke run (tiny {family} test model; the numbers mean nothing)", device="cpu",
                  dtype=torch.float32, size=16, steps=3, batches=(1,), tflop_per_guided_step=None,
-                 graph_modes=("off",), write_model=write_tiny_model)
+                 graph_modes=("off",), write_model=lambda folder: write_tiny_model(folder, family=family),
+                 family=family)
 
 
 def synchronize(device: str) -> None:
@@ -131,9 +144,13 @@ def ours_runner(setup: Setup, folder: Path, graphs: str, kernel_mode: str):
 def diffusers_runner(setup: Setup, folder: Path, compile_unet: bool):
     import diffusers
 
-    pipe = diffusers.StableDiffusionInpaintPipeline.from_pretrained(
-        str(folder), torch_dtype=setup.dtype, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False).to(setup.device)
+    if setup.family == "sdxl":
+        pipe = diffusers.StableDiffusionXLInpaintPipeline.from_pretrained(
+            str(folder), torch_dtype=setup.dtype, add_watermarker=False).to(setup.device)
+    else:
+        pipe = diffusers.StableDiffusionInpaintPipeline.from_pretrained(
+            str(folder), torch_dtype=setup.dtype, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False).to(setup.device)
     pipe.set_progress_bar_config(disable=True)
     if compile_unet:
         pipe.unet = torch.compile(pipe.unet, mode="max-autotune", fullgraph=True)
@@ -142,7 +159,7 @@ def diffusers_runner(setup: Setup, folder: Path, compile_unet: bool):
     def run(batch: int, steps: int):
         generators = [torch.Generator("cpu").manual_seed(i) for i in range(batch)]
         return pipe(prompt=["a house"] * batch, image=image, mask_image=mask, num_inference_steps=steps,
-                    generator=generators, height=setup.size, width=setup.size).images
+                    generator=generators, height=setup.size, width=setup.size, strength=1.0).images
     return run
 
 
@@ -183,8 +200,10 @@ def table_row(r: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, nargs="+", help="default 1 4 (--smoke: 1)")
-    parser.add_argument("--steps", type=int, help="default 50 (--smoke: 3)")
+    parser.add_argument("--family", choices=("sd15", "sdxl"), default="sd15",
+                        help="sdxl: SDXL inpainting at 1024x1024, 30 steps, batch 1")
+    parser.add_argument("--batches", type=int, nargs="+", help="default 1 4 (sdxl and --smoke: 1)")
+    parser.add_argument("--steps", type=int, help="default 50 (sdxl: 30, --smoke: 3)")
     parser.add_argument("--kernels", nargs="+", choices=("triton", "torch"), default=["triton", "torch"],
                         help="INPAINT_KERNELS modes to time ours with")
     parser.add_argument("--no-compile", action="store_true", help="skip diffusers + torch.compile (slow to build)")
@@ -194,7 +213,7 @@ def main() -> None:
     args = parser.parse_args()
     check_device(args.smoke, args.kernels)
 
-    setup = smoke_setup() if args.smoke else gpu_setup()
+    setup = smoke_setup(args.family) if args.smoke else gpu_sdxl_setup() if args.family == "sdxl" else gpu_setup()
     steps, batches = args.steps or setup.steps, args.batches or setup.batches
     if steps <= SHORT_RUN_STEPS:
         parser.error(f"--steps must be above {SHORT_RUN_STEPS}: steps/s is timed against a {SHORT_RUN_STEPS}-step run")

@@ -259,4 +259,4 @@ def group_norm_ref(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None
     if activation not in ACTIVATIONS:
         raise ValueError(f"group_norm: activation must be None or 'silu', got {activation!r}")
     y = F.group_norm(x, num_groups, weight, bias, eps)
-    return F.silu(y) if activation == "silu" else y
+    return F.silu(y, inplace=True) if activation == "silu" else y  # y is ours: no second activation-sized write

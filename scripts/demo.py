@@ -149,7 +149,7 @@ def _run_job(client: HttpInpaintClient, job: dict, worker, started: float) -> in
 def _show_progress(client: HttpInpaintClient, job_id: str) -> None:
     display = ProgressDisplay(sys.stdout)
     for event in client.events(job_id, timeout=JOB_TIMEOUT_S):
-        display.update(event["step"], event["total_steps"], event["state"])
+        display.show(event)
     display.close()
 
 

@@ -6,11 +6,12 @@
 #   make gpu-wheels                        # here, once: what the GPU image lacks (diffusers), as wheels in .whl/
 #   bash scripts/gpu_check.sh tests kernels    # there, from the repo root, .whl/ beside it: about 6 minutes
 #   bash scripts/gpu_check.sh pipeline         # there: about 3 minutes (two calls fit a 10-minute limit each)
+#   bash scripts/gpu_check.sh pipeline-sdxl    # there: SDXL inpainting, 1024x1024, 30 steps: about 4 minutes
 #   GPU_CHECK_SMOKE=1 bash scripts/gpu_check.sh    # on a CPU: the same plumbing, benchmarks in --smoke mode
 #
-# No step names means all three. $OUT (default out/gpu-check) receives run.log (everything printed, with each
-# step's exit status and seconds), junit.xml and the benchmark tables <date>-<device>-kernels.md and
-# <date>-<device>-pipeline.md, to be committed under benchmarks/results/.
+# No step names means all four. $OUT (default out/gpu-check) receives run.log (everything printed, with each
+# step's exit status and seconds), junit.xml and the benchmark tables <date>-<device>-kernels.md,
+# <date>-<device>-pipeline.md and <date>-<device>-pipeline-sdxl.md, to be committed under benchmarks/results/.
 set -uo pipefail
 
 OUT=${OUT:-out/gpu-check}
@@ -55,7 +56,7 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
     pipeline_args+=(--smoke --kernels torch)  # interpreted Triton takes minutes a pipeline run
 fi
 
-steps=${*:-tests kernels pipeline}
+steps=${*:-tests kernels pipeline pipeline-sdxl}
 wanted() { [[ " $steps " == *" $1 "* ]]; }
 
 # Most of the tests' time is Triton compiling and autotuning on the CPU: spread it over processes when pytest-xdist
@@ -76,6 +77,11 @@ fi
 if wanted pipeline; then
     step pipeline 190 "$PYTHON" -m benchmarks.pipeline_gpu "${pipeline_args[@]}" --out "$prefix-pipeline.md" \
         || failed=1
+fi
+if wanted pipeline-sdxl; then
+    # Triton kernels only (graphs on and off, then diffusers): the SDXL rows must fit one call with the others.
+    step pipeline-sdxl 300 "$PYTHON" -m benchmarks.pipeline_gpu --family sdxl --kernels triton "${pipeline_args[@]}" \
+        --out "$prefix-pipeline-sdxl.md" || failed=1
 fi
 echo "=== gpu_check: $([ $failed = 0 ] && echo all steps passed || echo some steps FAILED)" | tee -a "$LOG"
 exit $failed

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from worker.inference.model.loader import cpu_has_native_bfloat16
+
 ROOT = Path(__file__).parents[1]
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the script runs the real benchmark")
 
@@ -70,9 +72,11 @@ def test_kernels_smoke_needs_the_interpreter():
     assert result.returncode != 0 and "TRITON_INTERPRET=1" in result.stderr
 
 
-def test_pipeline_gpu_smoke_writes_one_row_per_variant(tmp_path):
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_pipeline_gpu_smoke_writes_one_row_per_variant(tmp_path, family):
     out = tmp_path / "pipeline.md"
-    result = run_script("benchmarks.pipeline_gpu", "--smoke", "--kernels", "torch", "--out", str(out))
+    result = run_script("benchmarks.pipeline_gpu", "--smoke", "--family", family, "--kernels", "torch",
+                        "--out", str(out))
     assert result.returncode == 0, result.stderr
     rows = table_rows(out.read_text())
     assert [(row[0], row[1]) for row in rows] == [("ours graphs=off kernels=torch", "1"), ("diffusers (SDPA)", "1")]
@@ -89,9 +93,28 @@ def test_gpu_scripts_refuse_to_run_without_cuda(module):
     assert result.returncode != 0 and "needs a CUDA GPU" in result.stderr
 
 
-@pytest.mark.parametrize("module", ["benchmarks.pipeline_cpu", "benchmarks.queue", "benchmarks.api"])
+@pytest.mark.parametrize("module", ["benchmarks.queue", "benchmarks.api", "benchmarks.pipeline_cpu_sdxl"])
 def test_cpu_scripts_import(module):
     assert callable(importlib.import_module(module).main)
+
+
+def test_pipeline_cpu_smoke_writes_every_variant_with_its_psnr(tmp_path):
+    out = tmp_path / "cpu.md"
+    result = run_script("benchmarks.pipeline_cpu", "--smoke", "--out", str(out), interpret=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = out.read_text()
+    rows = table_rows(text)
+    assert [(row[0], row[1]) for row in rows] == [
+        ("ours, default dtype (auto)", "bfloat16" if cpu_has_native_bfloat16() else "float32"),
+        ("ours, auto without channels_last", rows[0][1]), ("diffusers bfloat16", "bfloat16"),
+        ("ours float32", "float32"), ("diffusers float32", "float32")]
+    for name, _, runs, median, fixed, per_step, at_20, ratio, psnr in rows:
+        assert as_number(median) > 0 and as_number(per_step) > 0 and as_number(fixed) >= 0, name
+        assert at_20.endswith(" est.") and as_number(at_20.removesuffix(" est.")) > as_number(median), name
+        assert as_number(ratio) > 0, name
+        assert psnr == "exact" or as_number(psnr) >= 30, name  # vs ours float32 (diffusers' may equal it)
+    assert rows[3][8] == "exact"
+    assert rows[2][7] == "1.00x" and "Machine: " in text and "**" in text.splitlines()[-1]
 
 
 def test_report_writes_each_row_as_it_comes(tmp_path, capsys):

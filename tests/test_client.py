@@ -151,9 +151,9 @@ def test_s3_inputs_are_passed_through_without_upload(client, store, s3):
     (picture(), {"scheduler": "warp"}, "scheduler"),
     (picture(), {"job_id": "not-a-uuid"}, "job_id"),
     (picture(), {"output_format": "gif"}, "output.format"),
-    (b"not an image", {}, "image: the bytes are not an image"),
+    (b"not an image", {}, "image: not a readable PNG, JPEG, WEBP image"),
     ("/nonexistent/image.png", {}, "image: no such file"),
-    (gif_bytes(), {}, "image: GIF images are not accepted; send PNG, JPEG, WEBP"),
+    (gif_bytes(), {}, "image: not a readable PNG, JPEG, WEBP image"),
     (42, {}, "image: expected a PIL image, bytes, a path or an s3:// URI"),
     ("s3://Bad_Bucket/key.png", {}, "image"),
 ])
@@ -169,6 +169,17 @@ def test_submit_without_bucket_names_the_setting(services):
     with InpaintClient(broker_url=services[0].url, s3_endpoint_url=services[1].endpoint_url) as no_bucket:
         with pytest.raises(ValueError, match="INPAINT_BUCKET"):
             no_bucket.submit(picture(), picture(), "p")
+
+
+def test_a_missing_bucket_is_named_with_its_endpoint_and_how_to_create_it(services, store):
+    endpoint = services[1].endpoint_url
+    with InpaintClient(broker_url=services[0].url, s3_endpoint_url=endpoint, bucket="no-such-bucket") as client:
+        with pytest.raises(schema.JobError) as caught:
+            client.submit(picture(), picture(), "p")
+    assert caught.value.code == schema.STORAGE_UNAVAILABLE
+    assert caught.value.message.startswith(f"bucket 'no-such-bucket' does not exist at {endpoint}; create it (e.g. "
+                                           f"`aws s3 mb s3://no-such-bucket --endpoint-url {endpoint}`")
+    assert store.dbsize() == 0
 
 
 def test_failed_enqueue_raises_and_leaves_the_job_resubmittable(services, store, client):
@@ -244,7 +255,7 @@ def test_fetch_of_an_unfinished_job_says_so(client):
 
 def test_cancel_of_a_queued_job_ends_it_at_once(client, store):
     job_id = client.submit(picture(), picture(), "p")
-    client.cancel(job_id)
+    assert client.cancel(job_id) == schema.QUEUED
     assert store.exists(state.cancel_key(job_id))
     status = client.wait(job_id, timeout=5)
     assert status.state == schema.CANCELED
@@ -254,9 +265,31 @@ def test_cancel_of_a_queued_job_ends_it_at_once(client, store):
 def test_cancel_of_a_running_job_only_sets_the_flag(client, store):
     job_id = client.submit(picture(), picture(), "p")
     store.hset(state.job_key(job_id), "state", schema.RUNNING)
-    client.cancel(job_id)
+    assert client.cancel(job_id) == schema.RUNNING
     assert store.get(state.cancel_key(job_id)) == "1"
     assert client.status(job_id).state == schema.RUNNING
+
+
+def test_cancel_of_an_unknown_job_changes_nothing(client, store):
+    job_id = uuid.uuid4().hex
+    assert client.cancel(job_id) == schema.EXPIRED
+    assert store.dbsize() == 0   # no flag, no hash, no event
+
+
+@pytest.mark.parametrize("final_state", [schema.SUCCEEDED, schema.FAILED, schema.CANCELED])
+def test_cancel_of_a_finished_job_leaves_it_as_it_was(client, store, final_state):
+    job_id = client.submit(picture(), picture(), "p")
+    if final_state == schema.CANCELED:
+        client.cancel(job_id)
+        store.delete(state.cancel_key(job_id))
+    else:
+        finish(store, job_id, final_state)
+    before = (store.hgetall(state.job_key(job_id)), store.xlen(state.job_events_key(job_id)),
+              store.xlen(state.EVENTS_STREAM))
+    assert client.cancel(job_id) == final_state
+    assert (store.hgetall(state.job_key(job_id)), store.xlen(state.job_events_key(job_id)),
+            store.xlen(state.EVENTS_STREAM)) == before
+    assert not store.exists(state.cancel_key(job_id))
 
 
 def test_config_from_env_reads_the_worker_variables():
@@ -266,6 +299,9 @@ def test_config_from_env_reads_the_worker_variables():
     assert config == ClientConfig("redis://b:1/0", "redis://s:2/1", "http://s3:9000", "bk", "q", 120,
                                   state.EVENTS_STREAM_MAXLEN)
     assert ClientConfig.from_env({}) == ClientConfig()
+    limits = ClientConfig.from_env({"INPAINT_MAX_PIXELS": "4096", "INPAINT_MAX_STEPS": "20", "INPAINT_MAX_IMAGES": "2",
+                                    "INPAINT_MAX_PROMPT_CHARS": "10"}).limits   # the workers' limits, checked first
+    assert limits == schema.Limits(max_pixels=4096, max_steps=20, max_images=2, max_prompt_chars=10)
     with pytest.raises(ValueError, match="INPAINT_EVENTS_MAXLEN"):
         ClientConfig.from_env({"INPAINT_EVENTS_MAXLEN": "many"})
 
@@ -283,7 +319,8 @@ def test_async_client_submits_follows_and_fetches(services, store, s3):
             status = await client.wait(job_id, timeout=5)
             images = await client.fetch(job_id)
             other = await client.submit(picture(), picture(), "p")
-            await client.cancel(other)
+            assert await client.cancel(other) == schema.QUEUED
+            assert await client.cancel(other) == schema.CANCELED
             return job_id, states, status, images, await client.status(other)
 
     job_id, states, status, images, canceled = asyncio.run(scenario())

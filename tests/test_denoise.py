@@ -150,7 +150,6 @@ def test_the_step_never_reads_a_tensor_back_to_the_host(pipe, scheduler, channel
     # or it could not be captured in a CUDA graph.
     from worker.inference.denoise import DenoiseInputs
     from worker.inference.model.unet import UNet2DConditionModel, UNetConfig
-    from worker.inference.schedulers import make_sampler
 
     config = UNetConfig.from_dict({**pipe.unet.config.__dict__, "in_channels": channels})
     with torch.device("meta"):
@@ -162,12 +161,19 @@ def test_the_step_never_reads_a_tensor_back_to_the_host(pipe, scheduler, channel
             step_noise=torch.empty(5, 2, 4, 8, 8) if scheduler in ("euler_a", "ddpm") else None,
             blend=(torch.empty(2, 4, 8, 8), torch.empty(2, 4, 8, 8), torch.empty(2, 1, 8, 8)) if channels == 4
             else None)
-    sampler = make_sampler(scheduler, pipe.scheduler_config, 4, "meta")
-    sampler.reset(latents, 0)
+    assert two_steps_on_meta(unet, scheduler, pipe.scheduler_config, inputs).shape == (2, 4, 8, 8)
+
+
+def two_steps_on_meta(unet, scheduler: str, scheduler_config: dict, inputs) -> torch.Tensor:
+    """Two denoise steps on the meta device, where any host read of a tensor raises; the final latents."""
+    from worker.inference.schedulers import make_sampler
+
+    sampler = make_sampler(scheduler, scheduler_config, 4, "meta")
+    sampler.reset(inputs.latents, 0)
     state = StepState(inputs)
     for _ in range(2):
         denoise_step(unet, sampler, state)
-    assert state.latents.shape == (2, 4, 8, 8)
+    return state.latents
 
 
 def test_release_memory_drops_the_graphs_and_the_next_job_captures_again(pipe, scene):
@@ -203,3 +209,64 @@ def test_out_of_memory_while_capturing_is_raised_not_held_against_the_shape(pipe
     finally:
         pipe.runner, runner = eager, pipe.runner
     assert len(attempts) == 2 and len(runner.graphs) == 1
+
+
+@pytest.fixture(scope="module")
+def sdxl_pipe(tmp_path_factory):
+    from worker.inference.model.tiny import write_tiny_model
+
+    folder = write_tiny_model(tmp_path_factory.mktemp("tiny-sdxl"), family="sdxl")
+    return InpaintPipeline.from_pretrained(str(folder), device="cpu", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "euler_a", "dpmpp_2m"])
+def test_sdxl_pooled_text_is_refilled_at_every_replay(sdxl_pipe, scene, scheduler):
+    # Three jobs of one shape with other pooled embeddings (zeroed, encoded negatives): one capture, eager's pixels.
+    jobs = [dict(prompt="a dog"), dict(prompt="a red cat", negative_prompt="blurry"), dict(prompt="a dog",
+                                                                                          negative_prompt="")]
+    expected = [sdxl_pipe(job.pop("prompt"), *scene, num_inference_steps=3, seed=3, scheduler=scheduler, **job)
+                for job in [dict(j) for j in jobs]]
+    graphs = DenoiseRunner(sdxl_pipe.unet, capture=eager_capture)
+    eager, sdxl_pipe.runner = sdxl_pipe.runner, graphs
+    try:
+        got = [sdxl_pipe(job.pop("prompt"), *scene, num_inference_steps=3, seed=3, scheduler=scheduler, **job)
+               for job in [dict(j) for j in jobs]]
+    finally:
+        sdxl_pipe.runner = eager
+    for want, have in zip(expected, got):
+        assert np.array_equal(np.asarray(want[0]), np.asarray(have[0]))
+    assert not np.array_equal(np.asarray(expected[0][0]), np.asarray(expected[2][0]))  # None and "" differ
+    assert graphs.graphs.captures == 1
+
+
+def test_sdxl_time_ids_are_refilled_at_replay(sdxl_pipe):
+    from worker.inference.denoise import DenoiseInputs
+    from worker.inference.schedulers import make_sampler
+
+    gen = torch.Generator().manual_seed(0)
+    shared = dict(latents=torch.randn(1, 4, 8, 8, generator=gen), text=torch.randn(2, 77, 64, generator=gen),
+                  condition=torch.randn(2, 5, 8, 8, generator=gen), guidance_scale=5.0, step_noise=None, blend=None,
+                  text_embeds=torch.randn(2, 32, generator=gen))
+    jobs = [DenoiseInputs(**shared, time_ids=torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]] * 2)),
+            DenoiseInputs(**shared, time_ids=torch.tensor([[1024.0, 768.0, 64.0, 0.0, 16.0, 16.0]] * 2))]
+    sampler = make_sampler("euler", sdxl_pipe.scheduler_config, 3, "cpu")
+    eager = [DenoiseRunner(sdxl_pipe.unet, mode="off").run(sampler, job, 0) for job in jobs]
+    graphs = DenoiseRunner(sdxl_pipe.unet, capture=eager_capture)
+    replayed = [graphs.run(sampler, job, 0) for job in jobs]
+    assert all(torch.equal(a, b) for a, b in zip(eager, replayed))
+    assert not torch.equal(eager[0], eager[1]) and graphs.graphs.captures == 1
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_the_sdxl_step_never_reads_a_tensor_back_to_the_host(sdxl_pipe, scheduler):
+    from worker.inference.denoise import DenoiseInputs
+    from worker.inference.model.unet import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(sdxl_pipe.unet.config)
+        latents = torch.empty(2, 4, 8, 8)
+        inputs = DenoiseInputs(
+            latents=latents, text=torch.empty(4, 77, 64), guidance_scale=7.5, condition=torch.empty(4, 5, 8, 8),
+            step_noise=torch.empty(5, 2, 4, 8, 8) if scheduler in ("euler_a", "ddpm") else None, blend=None,
+            text_embeds=torch.empty(4, 32), time_ids=torch.empty(4, 6))
+    assert two_steps_on_meta(unet, scheduler, sdxl_pipe.scheduler_config, inputs).shape == (2, 4, 8, 8)

@@ -19,8 +19,6 @@ SERVICE_PREFIXES = ("worker.app", "worker.tasks", "worker.jobs", "worker.storage
                     "worker.settings", "worker.gpus", "worker.metrics", "worker.local_run", "worker.__main__")
 SERVICE_LIBRARIES = ("celery", "redis", "boto3", "botocore", "prometheus_client", "kombu")
 TORCH_SIDE = ("torch", "triton", "worker", "kernels", "transformers", "safetensors")
-# `inpaint run` paints in the CLI's process: its handler, and nothing else in api_client, imports the worker side.
-CLI_RUN_HANDLER = ("api_client.cli", "_run")
 
 
 def module_name(path: Path) -> str:
@@ -121,7 +119,7 @@ def under(name: str, prefixes) -> bool:
 
 def test_the_walk_sees_every_package_and_the_kinds_of_import():
     assert {"api_client.state", "api_client.cli", "worker.jobs", "worker.inference.pipeline", "kernels"} <= set(MODULES)
-    assert ("worker.local_run", "_run") in imports_of("api_client.cli")          # inside a function
+    assert ("worker.jobs", "run_local") in imports_of("worker.local_run")       # inside a function
     assert "kernels.attention" in {name for name, _ in imports_of("kernels")}    # `from . import attention`
     assert "worker.inference.denoise" in import_graph()["worker.inference.pipeline"]
 
@@ -141,8 +139,7 @@ def test_no_import_cycle_anywhere():
 
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if under(m, ("api_client", "api"))))
 def test_client_and_api_import_no_torch_and_no_worker(module):
-    wrong = [(name, where) for name, where in imports_of(module)
-             if under(name, TORCH_SIDE) and (module, where) != CLI_RUN_HANDLER]
+    wrong = [(name, where) for name, where in imports_of(module) if under(name, TORCH_SIDE)]
     assert wrong == []
 
 

@@ -510,18 +510,22 @@ SD15_ATTENTION = [  # (B, H, Nq, Nk, D): batch 2 for guidance; 512x512 -> 64x64 
     (2, 8, 256, 256, 160), (2, 8, 256, 77, 160), (2, 8, 64, 64, 160), (2, 8, 64, 77, 160),
     (2, 8, 9216, 9216, 40), (2, 8, 9216, 77, 40), (2, 8, 77, 1, 64),
 ]
+SDXL_ATTENTION = [  # SDXL at 1024x1024 -> 128x128 latents: head dim 64, 10 heads at 64x64, 20 heads at 32x32
+    (2, 10, 4096, 4096, 64), (2, 10, 4096, 77, 64), (2, 20, 1024, 1024, 64), (2, 20, 1024, 77, 64),
+]
 
 
 # Half precision at every shape (what the model runs); float32, whose tiles run without tensor cores and compile
 # slowly, at one shape per head dim.
-SD15_ATTENTION_CASES = [(*shape, dtype) for shape in SD15_ATTENTION for dtype in (torch.float16, torch.bfloat16)] + [
+SD15_ATTENTION_CASES = [(*shape, dtype) for shape in SD15_ATTENTION + SDXL_ATTENTION
+                        for dtype in (torch.float16, torch.bfloat16)] + [
     (2, 8, 4096, 77, 40, torch.float32), (2, 8, 1024, 1024, 80, torch.float32), (2, 8, 256, 77, 160, torch.float32)]
 
 
 @needs_cuda
 @needs_triton
 @pytest.mark.parametrize("batch,heads,n_q,n_kv,head_dim,dtype", SD15_ATTENTION_CASES)
-def test_attention_sd15_shapes_on_gpu(batch, heads, n_q, n_kv, head_dim, dtype):
+def test_attention_sd15_and_sdxl_shapes_on_gpu(batch, heads, n_q, n_kv, head_dim, dtype):
     q, k, v = make_qkv(batch, heads, n_q, n_kv, head_dim, "projected", dtype, device="cuda")
     out = torch.full(q.shape, float("nan"), dtype=dtype, device="cuda")
     attention_module.attention_triton(q, k, v, out=out)
@@ -532,6 +536,8 @@ def test_attention_sd15_shapes_on_gpu(batch, heads, n_q, n_kv, head_dim, dtype):
 SD15_GROUP_NORM = [  # (shape, groups): UNet at 512x512 (batch 2) and the VAE decoder's largest maps
     ((2, 320, 64, 64), 32), ((2, 640, 32, 32), 32), ((2, 1280, 8, 8), 32), ((2, 960, 64, 64), 32),
     ((1, 512, 64, 64), 32), ((1, 128, 512, 512), 32), ((1, 256, 256, 256), 32),
+    # SDXL at 1024x1024: the UNet's first level and its widest up-block input, the VAE decoder's last level
+    ((2, 320, 128, 128), 32), ((2, 960, 128, 128), 32), ((1, 128, 1024, 1024), 32),
 ]
 
 
@@ -540,7 +546,7 @@ SD15_GROUP_NORM = [  # (shape, groups): UNet at 512x512 (batch 2) and the VAE de
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("shape,groups", SD15_GROUP_NORM)
-def test_group_norm_sd15_shapes_on_gpu(shape, groups, channels_last, dtype):
+def test_group_norm_sd15_and_sdxl_shapes_on_gpu(shape, groups, channels_last, dtype):
     x, weight, bias = make_group_norm_inputs(shape, channels_last, True, dtype, device="cuda")
     out = torch.full_like(x, float("nan"))
     group_norm_module.group_norm_triton(x, groups, weight, bias, 1e-5, "silu", out=out)

@@ -11,8 +11,9 @@ import torch
 from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
 from safetensors.torch import load_file, save_file
 
-from worker.inference.model.loader import (ModelLoadError, check_device_runs, load_components, resolve_dtype,
-                                 resolve_model_folder)
+from worker.inference.model import loader
+from worker.inference.model.loader import (ModelLoadError, check_device_runs, cpu_has_native_bfloat16,
+                                           load_components, resolve_dtype, resolve_model_folder)
 from worker.inference.model.text import TextEncoder
 from worker.inference.model.tiny import SCHEDULER_CONFIG, WORDS, main as tiny_main, write_tiny_model
 
@@ -99,7 +100,7 @@ def test_legacy_vae_attention_names_load(model_copy, tiny_model_dir):
 
     _edit_weights(model_copy / VAE_WEIGHTS, rename)
     assert any(".query." in name for name in load_file(model_copy / VAE_WEIGHTS))
-    vae = load_components(str(model_copy), device="cpu").vae
+    vae = load_components(str(model_copy), device="cpu", dtype=torch.float32).vae
     _assert_state_equals_file(vae, tiny_model_dir / VAE_WEIGHTS)
 
 
@@ -161,8 +162,8 @@ def hub_cache(tiny_model_dir, tmp_path):
 def test_hub_id_loads_from_cache_offline(hub_cache):
     snapshot = hub_cache / "models--org--tiny" / "snapshots" / COMMIT
     for revision in (None, "main", COMMIT):
-        loaded = load_components("org/tiny", device="cpu", revision=revision, cache_dir=hub_cache,
-                                 local_files_only=True)
+        loaded = load_components("org/tiny", device="cpu", dtype=torch.float32, revision=revision,
+                                 cache_dir=hub_cache, local_files_only=True)
         assert loaded.path == snapshot
     _assert_state_equals_file(loaded.unet, snapshot / UNET_WEIGHTS)
 
@@ -233,11 +234,48 @@ def test_unsupported_config_names_file(model_copy):
 
 def test_dtype_names_and_bad_values():
     cpu = torch.device("cpu")
-    assert resolve_dtype(None, cpu) == torch.float32
-    assert resolve_dtype(None, torch.device("cuda")) == torch.float16
     assert resolve_dtype("bf16", cpu) == torch.bfloat16
-    with pytest.raises(ValueError, match="dtype must be one of"):
+    assert resolve_dtype("Float32", cpu) == resolve_dtype(torch.float32, cpu) == torch.float32
+    with pytest.raises(ValueError, match="dtype must be one of auto, float16, bfloat16, float32"):
         resolve_dtype("int8", cpu)
+
+
+def _cpuinfo(tmp_path, flags: str):
+    # Two logical CPUs, as /proc/cpuinfo lists them: a block per CPU, each with its own flags line.
+    block = f"processor\t: {{}}\nmodel name\t: Intel(R) Xeon(R)\nflags\t\t: {flags}\n\n"
+    path = tmp_path / "cpuinfo"
+    path.write_text(block.format(0) + block.format(1))
+    return path
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ("fpu sse2 avx2 avx512f avx512_bf16 amx_tile", torch.bfloat16),   # Cooper Lake and later: AVX-512 BF16
+    ("fpu sse2 avx2 avx512f amx_bf16 amx_tile", torch.bfloat16),      # AMX alone
+    ("fpu sse2 avx2 avx512f avx512bw avx512vl", torch.float32),       # AVX-512 without BF16: emulated, slower
+    ("fpu sse2 avx2 avx512_bf16x", torch.float32),                    # whole flags only
+])
+def test_auto_dtype_on_cpu_follows_the_bfloat16_flags(tmp_path, flags, expected):
+    cpuinfo = _cpuinfo(tmp_path, flags)
+    for auto in (None, "auto", "AUTO"):
+        assert resolve_dtype(auto, torch.device("cpu"), cpuinfo) == expected
+    assert resolve_dtype("float32", torch.device("cpu"), cpuinfo) == torch.float32  # a dtype given still wins
+    assert resolve_dtype(None, torch.device("cuda"), cpuinfo) == torch.float16
+
+
+def test_auto_dtype_without_cpu_flags_is_float32(tmp_path):
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n")  # ARM names its flags "Features"
+    assert not cpu_has_native_bfloat16(arm)
+    assert not cpu_has_native_bfloat16(tmp_path / "missing")  # macOS, Windows: no /proc/cpuinfo
+    assert resolve_dtype("auto", torch.device("cpu"), tmp_path / "missing") == torch.float32
+
+
+def test_auto_dtype_loads_in_the_resolved_dtype(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(loader, "cpu_has_native_bfloat16", lambda cpuinfo=None: True)
+    components = load_components(str(tiny_model_dir), device="cpu", dtype="auto")
+    assert components.dtype == torch.bfloat16
+    assert components.unet.conv_in.weight.dtype == components.vae.decoder.conv_in.weight.dtype == torch.bfloat16
+    assert components.text_encoder.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="device must be"):
         load_components("org/x", device="gpu0")
 
@@ -332,3 +370,73 @@ def test_tiny_writer_is_deterministic_and_has_a_cli(tmp_path, tiny_model_dir):
 def test_text_encoder_from_folder_directly(tiny_model_dir):
     encoder = TextEncoder.from_folder(tiny_model_dir, "cpu", torch.float32)
     assert encoder.hidden_size == 32 and encoder.device == torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-sdxl"), family="sdxl")
+
+
+@pytest.fixture
+def sdxl_copy(sdxl_dir, tmp_path):
+    return shutil.copytree(sdxl_dir, tmp_path / "sdxl")
+
+
+def _edit_index(folder, **changes):
+    path = folder / "model_index.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+
+
+def test_sdxl_folder_loads_two_encoders_and_matches_diffusers_encode_prompt(sdxl_dir):
+    diffusers = pytest.importorskip("diffusers")
+    components = load_components(str(sdxl_dir), device="cpu", dtype=torch.float32)
+    assert components.family.name == "sdxl" and components.family.force_zeros_for_empty_prompt
+    assert not components.family.requires_aesthetics_score and components.unet.config.text_time
+    pipe = diffusers.StableDiffusionXLInpaintPipeline.from_pretrained(sdxl_dir, add_watermarker=False)
+    prompts = ["a photo of a cat", "", LONG_PROMPT]
+    theirs, _, their_pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
+    hidden, pooled = components.text_encoder.encode_with_pooled(prompts)
+    assert hidden.shape == (3, 77, 64) and pooled.shape == (3, 32)
+    assert torch.equal(hidden, theirs) and torch.equal(pooled, their_pooled)
+
+
+def test_sdxl_vae_runs_in_float32_under_float16(sdxl_dir, tiny_model_dir):
+    sdxl = load_components(str(sdxl_dir), device="cpu", dtype=torch.float16)
+    assert sdxl.unet.conv_in.weight.dtype == torch.float16 and sdxl.vae.encoder.conv_in.weight.dtype == torch.float32
+    sd15 = load_components(str(tiny_model_dir), device="cpu", dtype=torch.float16)  # SD1.5 pipelines never upcast
+    assert sd15.vae.encoder.conv_in.weight.dtype == torch.float16
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"_class_name": "StableDiffusion3InpaintPipeline"}, "'StableDiffusion3InpaintPipeline' is not a supported"),
+    ({"text_encoder": [None, None]}, "without the first encoder are not supported"),
+    ({"text_encoder_2": ["transformers", "T5EncoderModel"]}, "text_encoder_2=.*T5EncoderModel"),
+    ({"requires_aesthetics_score": True}, "requires_aesthetics_score may be wrong"),
+    ({"force_zeros_for_empty_prompt": "yes"}, "force_zeros_for_empty_prompt must be true or false"),
+    ({"_class_name": "StableDiffusionInpaintPipeline"}, "addition_embed_type='text_time' does not fit the sd15"),
+])
+def test_unsupported_sdxl_layouts_are_refused_by_name(sdxl_copy, changes, message):
+    _edit_index(sdxl_copy, **changes)
+    with pytest.raises(ModelLoadError, match=message):
+        load_components(str(sdxl_copy), device="cpu")
+
+
+def test_sdxl_unet_config_features_we_lack_are_refused(sdxl_copy):
+    path = sdxl_copy / "unet" / "config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"time_cond_proj_dim": 256}))  # LCM-distilled SDXL
+    with pytest.raises(ModelLoadError, match="time_cond_proj_dim"):
+        load_components(str(sdxl_copy), device="cpu")
+
+
+def test_a_folder_without_model_index_is_named(model_copy):
+    (model_copy / "model_index.json").unlink()
+    with pytest.raises(ModelLoadError, match="missing file .*model_index.json"):
+        load_components(str(model_copy), device="cpu")
+
+
+def test_tiny_cli_writes_sdxl(tmp_path, sdxl_dir):
+    tiny_main([str(tmp_path / "xl"), "--family", "sdxl"])
+    for relative in (UNET_WEIGHTS, "text_encoder_2/model.safetensors", "tokenizer_2/special_tokens_map.json"):
+        assert (tmp_path / "xl" / relative).read_bytes() == (sdxl_dir / relative).read_bytes(), relative
+    with pytest.raises(ValueError, match="requires_aesthetics_score is an SDXL pipeline flag"):
+        write_tiny_model(tmp_path / "bad", requires_aesthetics_score=True)

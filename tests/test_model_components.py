@@ -4,7 +4,9 @@ import torch
 from diffusers import AutoencoderKL as DiffusersVAE
 from diffusers import UNet2DConditionModel as DiffusersUNet
 
-from worker.inference.model.unet import UNet2DConditionModel, UNetConfig
+from benchmarks import sdxl
+
+from worker.inference.model.unet import Attention, UNet2DConditionModel, UNetConfig
 from worker.inference.model.vae import AutoencoderKL, VAEConfig
 
 # Public stable-diffusion-v1-5/stable-diffusion-inpainting unet/config.json and vae/config.json.
@@ -41,12 +43,24 @@ TINY_UNETS = {
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
 }
+# SDXL's features at a tiny size: text_time addition embedding, per-block heads and transformer depths, linear
+# projections, cross-attention over two encoders' widths.
+TINY_SDXL_UNET = dict(
+    in_channels=9, block_out_channels=(32, 64), layers_per_block=2, cross_attention_dim=64, norm_num_groups=32,
+    attention_head_dim=(2, 4), transformer_layers_per_block=(1, 3), use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
 TINY_VAES = {
     "two-blocks": dict(block_out_channels=(32, 64), norm_num_groups=8, layers_per_block=1, latent_channels=4),
     "three-blocks-no-mid-attention": dict(
         block_out_channels=(32, 32, 64), norm_num_groups=32, layers_per_block=2, latent_channels=4,
         mid_block_add_attention=False),
 }
+
+
+# Max abs difference / max abs value after the full SDXL UNet in bfloat16 with random weights: the two sides round
+# differently (measured 0.034; a 1% change of the text embeddings moves diffusers' own output by 0.028).
+BF16_TOLERANCE = 0.06
 
 
 def rel_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -86,6 +100,26 @@ def test_unet_matches_diffusers(name):
             got = ours(sample, timestep, context)
             assert got.shape == expected.shape == (2, reference.config.out_channels, 9, 12)
             assert rel_error(got, expected) < 1e-5
+
+
+def test_text_time_unet_matches_diffusers():
+    torch.manual_seed(0)
+    reference = randomized(DiffusersUNet(sample_size=8, **TINY_SDXL_UNET), seed=6)
+    ours = ours_from(reference, UNet2DConditionModel, UNetConfig)
+    assert ours.config.text_time and ours.config.transformer_layers == (1, 3)
+    gen = torch.Generator().manual_seed(7)
+    sample, context = torch.randn(2, 9, 9, 12, generator=gen), torch.randn(2, 77, 64, generator=gen)
+    text_embeds = torch.randn(2, 32, generator=gen)
+    time_ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0], [768.0, 512.0, 16.0, 8.0, 720.0, 480.0]])
+    with torch.no_grad():
+        for timestep in (torch.tensor(981), torch.tensor([1.5, 640.0])):
+            expected = reference(sample, timestep, encoder_hidden_states=context,
+                                 added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids}).sample
+            got = ours(sample, timestep, context, text_embeds=text_embeds, time_ids=time_ids)
+            assert rel_error(got, expected) < 1e-5
+        # The conditioning is used: other time ids give another output.
+        other = ours(sample, torch.tensor(981), context, text_embeds=text_embeds, time_ids=time_ids.flip(0))
+        assert rel_error(other, got) > 1e-3
 
 
 def test_num_attention_heads_overrides_attention_head_dim():
@@ -150,12 +184,60 @@ def test_sd15_vae_builds_on_meta_with_diffusers_names():
     assert ours.scale_factor == 8 and config.scaling_factor == 0.18215
 
 
+def built_on_meta(model_cls, config_cls, reference_cls, config: dict):
+    """(ours, diffusers', our config) for a diffusers config dict, on the meta device: no memory, no init."""
+    ours_config = config_cls.from_dict(config)
+    with torch.device("meta"):
+        return model_cls(ours_config), reference_cls.from_config(config), ours_config
+
+
+def test_sdxl_inpainting_unet_builds_on_meta_with_diffusers_names():
+    ours, reference, config = built_on_meta(UNet2DConditionModel, UNetConfig, DiffusersUNet, sdxl.UNET)
+    assert shapes(ours) == shapes(reference)
+    params = sum(p.numel() for p in ours.parameters())
+    assert params == sum(p.numel() for p in reference.parameters()) == sdxl.UNET_PARAMETERS
+    assert config.heads == (5, 10, 20) and config.transformer_layers == (1, 2, 10) and config.text_time
+    head_dims = {m.to_q.out_features // m.heads for m in ours.modules() if isinstance(m, Attention)}
+    assert head_dims == {64}  # SDXL's: every attention, at every level
+
+
+def test_sdxl_vae_builds_on_meta_with_diffusers_names():
+    ours, reference, config = built_on_meta(AutoencoderKL, VAEConfig, DiffusersVAE, sdxl.VAE)
+    assert shapes(ours) == shapes(reference)
+    assert config.scaling_factor == 0.13025 and config.force_upcast is True
+
+
+@pytest.mark.slow
+def test_full_sdxl_unet_forward_matches_diffusers_in_bfloat16():
+    # 2.6 B parameters: diffusers' UNet in bfloat16 (5 GB), ours on the same tensors (assign=True, no copy).
+    reference = sdxl.materialize(lambda: DiffusersUNet.from_config(sdxl.UNET), torch.bfloat16, seed=0)
+    ours = sdxl.sharing(reference, lambda: UNet2DConditionModel(UNetConfig.from_dict(sdxl.UNET)))
+    theirs = reference.state_dict()
+    assert all(tensor.data_ptr() == theirs[name].data_ptr() for name, tensor in ours.state_dict().items())
+    gen = torch.Generator().manual_seed(1)
+    sample = torch.randn(2, 9, 8, 12, generator=gen).bfloat16()  # 64x96 pixels: three levels, 8x12 to 2x3
+    context = torch.randn(2, 77, 2048, generator=gen).bfloat16()
+    text_embeds = torch.randn(2, 1280, generator=gen).bfloat16()
+    time_ids = torch.tensor([[64.0, 96.0, 0.0, 0.0, 64.0, 96.0]] * 2).bfloat16()
+    timestep = torch.tensor(500)
+    with torch.no_grad():
+        expected = reference(sample, timestep, encoder_hidden_states=context,
+                             added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids}).sample.float()
+        got = ours(sample, timestep, context, text_embeds=text_embeds, time_ids=time_ids).float()
+        other = ours(sample, timestep, context, text_embeds=text_embeds, time_ids=time_ids * 2).float()
+    assert got.shape == (2, 4, 8, 12) and torch.isfinite(got).all()
+    assert rel_error(got, expected) < BF16_TOLERANCE
+    assert rel_error(other, got) > 5 * BF16_TOLERANCE  # the time ids (addition embedding) matter at this tolerance
+
+
 @pytest.mark.parametrize("change, message", [
     ({"down_block_types": ["SimpleCrossAttnDownBlock2D"] * 4}, "down_block_types entry 'SimpleCrossAttnDownBlock2D'"),
     ({"up_block_types": ["AttnUpBlock2D"] * 4}, "up_block_types entry 'AttnUpBlock2D'"),
     ({"mid_block_type": "UNetMidBlock2DSimpleCrossAttn"}, "mid_block_type"),
     ({"class_embed_type": "timestep"}, "class_embed_type='timestep'"),
-    ({"addition_embed_type": "text_time"}, "addition_embed_type"),
+    ({"addition_embed_type": "text_time"}, "addition_embed_type 'text_time' needs addition_time_embed_dim"),
+    ({"addition_embed_type": "text"}, "unsupported addition_embed_type='text'"),
+    ({"addition_embed_type": "image"}, "unsupported addition_embed_type='image'"),
     ({"frobnicate": 1}, "unknown config key 'frobnicate'"),
     ({"block_out_channels": [320, 640, 1280]}, "same length"),
     ({"attention_head_dim": [8, 8]}, "num_attention_heads/attention_head_dim"),
@@ -187,6 +269,15 @@ def test_bad_input_shapes_name_the_argument():
         unet(torch.randn(2, 9, 8, 8), torch.tensor([1, 2, 3]), torch.randn(2, 77, 32))
     with pytest.raises(ValueError, match="encoder_hidden_states: expected shape"):
         unet(torch.randn(1, 9, 8, 8), torch.tensor(1), torch.randn(1, 77, 768))
+    with pytest.raises(ValueError, match="this UNet has no text_time addition embedding"):
+        unet(torch.randn(1, 9, 8, 8), torch.tensor(1), torch.randn(1, 77, 32), text_embeds=torch.randn(1, 32),
+             time_ids=torch.randn(1, 6))
+    sdxl_unet = UNet2DConditionModel(UNetConfig.from_dict(TINY_SDXL_UNET))
+    sample, context = torch.randn(1, 9, 8, 8), torch.randn(1, 77, 64)
+    with pytest.raises(ValueError, match="needs both"):
+        sdxl_unet(sample, torch.tensor(1), context)
+    with pytest.raises(ValueError, match=r"P \+ T \* 8 = 80"):
+        sdxl_unet(sample, torch.tensor(1), context, text_embeds=torch.randn(1, 32), time_ids=torch.randn(1, 5))
     with pytest.raises(ValueError, match="x: expected shape"):
         vae.encode(torch.randn(1, 4, 16, 16))
     with pytest.raises(ValueError, match="z: expected shape"):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from worker.inference.pipeline import InpaintCancelled, InpaintPipeline
+from worker.inference.pipeline import PHASES, InpaintCancelled, InpaintPipeline
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +101,28 @@ def test_callback_reports_every_step_and_can_cancel(pipe, scene):
     assert calls == [1, 2]
 
 
+def test_on_phase_reports_encoding_denoising_decoding_around_the_steps(pipe, scene):
+    seen = []
+    _run(pipe, scene, num_inference_steps=2, scheduler="ddim", on_phase=seen.append,
+         callback=lambda step, total: seen.append(step))
+    assert seen == ["encoding", "denoising", 1, 2, "decoding"]
+    assert tuple(name for name in seen if isinstance(name, str)) == PHASES
+
+
+def test_the_library_phases_are_the_services_middle_phases():
+    from api_client import state
+
+    assert PHASES == (state.ENCODING, state.DENOISING, state.DECODING)
+
+
+def test_sd15_treats_a_none_and_an_empty_negative_prompt_alike(pipe, scene):
+    # As diffusers' StableDiffusionInpaintPipeline does; jobs submitted before null was allowed keep their images.
+    unset, empty = _run(pipe, scene, negative_prompt=None), _run(pipe, scene, negative_prompt="")
+    other = _run(pipe, scene, negative_prompt="blurry")
+    assert np.array_equal(_array(unset[0]), _array(empty[0]))
+    assert not np.array_equal(_array(unset[0]), _array(other[0]))
+
+
 def test_strength_shortens_the_schedule(pipe, scene):
     seen = []
     _run(pipe, scene, num_inference_steps=10, strength=0.3, scheduler="euler",
@@ -150,3 +172,24 @@ def test_a_blurred_paste_back_around_a_crop_keeps_the_original_outside_the_box(p
     outside = np.ones(out.shape[:2], dtype=bool)
     outside[16:25, 20:30] = False  # the crop box: the mask's bounding box, padding 0
     assert np.abs(out[outside] - 200).max() <= 2  # premultiplied-alpha rounding only
+
+
+def _psnr(a, b) -> float:
+    mse = np.mean((_array(a).astype(np.float64) - _array(b)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def test_cpu_bfloat16_runs_channels_last_close_to_float32(pipe, scene, tiny_model_dir):
+    """The CPU levers of bfloat16 (NHWC conv weights) change the layout, not the picture; float32 stays NCHW,
+    the layout the parity tests compare bit for bit with diffusers."""
+    half = InpaintPipeline.from_pretrained(str(tiny_model_dir), device="cpu", dtype="bfloat16")
+    channels_last = torch.channels_last
+    assert half.unet.conv_in.weight.is_contiguous(memory_format=channels_last)
+    assert half.vae.decoder.conv_in.weight.is_contiguous(memory_format=channels_last)
+    assert not pipe.unet.conv_in.weight.is_contiguous(memory_format=channels_last)
+    job = dict(scheduler="dpmpp_2m_karras", num_inference_steps=4)
+    [fast] = _run(half, scene, **job)
+    assert _psnr(fast, _run(pipe, scene, **job)[0]) >= 30
+    for module in (half.unet, half.vae):  # the same bfloat16 weights in NCHW: the layout alone moves little
+        module.to(memory_format=torch.contiguous_format)
+    assert _psnr(fast, _run(half, scene, **job)[0]) >= 40

@@ -26,13 +26,22 @@ def test_minimal_job_gets_the_documented_defaults():
     job = schema.Job.from_dict(job_dict())
     assert job.to_dict() == {
         "job_id": JOB_ID, "image": "s3://inputs/a/image.png", "mask": "s3://inputs/a/mask.png",
-        "prompt": "a red house", "negative_prompt": "", "num_inference_steps": 50, "guidance_scale": 7.5,
+        "prompt": "a red house", "negative_prompt": None, "num_inference_steps": 50, "guidance_scale": 7.5,
         "strength": 1.0, "scheduler": None, "seed": None, "num_images": 1, "width": None, "height": None,
         "mask_blur": 0, "padding_mask_crop": None, "keep_unmasked": True,
         "output": {"bucket": "outputs", "prefix": f"jobs/{JOB_ID}/", "format": "png"}, "priority": 5,
         "webhook": None}
     assert job.image_location == ("inputs", "a/image.png")
     assert job.output.key(3) == f"jobs/{JOB_ID}/3.png"
+
+
+def test_negative_prompt_null_and_empty_stay_distinct_through_json():
+    # SDXL models treat them differently (zeroed negative embeddings vs the encoded empty prompt): never merge them.
+    for value in (None, ""):
+        job = schema.Job.from_dict(job_dict(negative_prompt=value))
+        again = schema.Job.from_dict(json.loads(json.dumps(job.to_dict())))
+        assert again.negative_prompt == value and type(again.negative_prompt) is type(value)
+    schema.Limits(max_prompt_chars=11).check_job(schema.Job.from_dict(job_dict(negative_prompt=None)))  # no len(None)
 
 
 def test_full_job_round_trips_through_json():
@@ -68,7 +77,7 @@ def test_full_job_round_trips_through_json():
     ({"padding_mask_crop": -8}, "padding_mask_crop"),
     ({"keep_unmasked": 1}, "keep_unmasked: expected bool"),
     ({"prompt": None}, "prompt: expected str"),
-    ({"negative_prompt": None}, "negative_prompt: expected str"),
+    ({"negative_prompt": 3}, "negative_prompt: expected str or null"),
     ({"priority": 10}, "priority: 10 is outside [0, 9]"),
     ({"webhook": "https://example.com/hook"}, "webhook"),
     ({"image": "http://169.254.169.254/latest/meta-data"}, "image: 'http://169.254.169.254/latest/meta-data' is "
@@ -174,12 +183,9 @@ def test_redact_url_masks_only_the_password(url, shown):
 
 
 def test_worker_and_client_share_one_format_list_redactor_and_s3_config():
-    from api_client import client
     from api_client.s3 import s3_client
-    from worker import jobs, settings
+    from worker import settings
     assert settings.redact_url is schema.redact_url
-    assert client.INPUT_FORMATS is schema.INPUT_FORMATS
-    assert jobs.INPUT_FORMATS == tuple(schema.INPUT_FORMATS)
     config = s3_client("http://127.0.0.1:9").meta.config
     assert config.retries["mode"] == "standard"
     assert config.request_checksum_calculation == "when_required"

@@ -93,6 +93,11 @@ def test_describe_lists_every_variable_once():
     assert all(line.count("|") == 4 for line in table.splitlines())   # a well-formed Markdown table
 
 
+def test_dtype_defaults_to_auto_and_accepts_it():
+    assert Settings.from_env({}).dtype == "auto"  # the loader picks: float16 on cuda, bfloat16 on AMX CPUs, ...
+    assert Settings.from_env({"INPAINT_DTYPE": "Auto"}).dtype == "auto"
+
+
 def test_choices_are_stored_in_the_spelling_their_consumers_compare():
     settings = Settings.from_env({"INPAINT_CUDA_GRAPHS": "AUTO", "INPAINT_KERNELS": "Torch", "INPAINT_DTYPE": "BF16",
                                   "INPAINT_LOG_LEVEL": "debug"})

@@ -51,11 +51,11 @@ def test_submit_and_cancel_write_the_documented_hash_and_entries(store):
         "job_id": job_id, "state": "queued", "step": "0", "total_steps": "0", "attempt": "0", "created_at": "5.25",
         "job": '{"job_id": "x"}'}
     error = '{"code": "canceled", "message": "m"}'
-    assert scripts.run_job(state.CANCEL, job_id, error, extra_keys=[state.cancel_key(job_id)], now=7.5) == 1
+    assert scripts.run_job(state.CANCEL, job_id, error, extra_keys=[state.cancel_key(job_id)], now=7.5) == "queued"
     assert store.get(state.cancel_key(job_id)) == "1" and 0 < store.ttl(state.cancel_key(job_id)) <= TTL_S
     assert store.hget(state.job_key(job_id), "error") == error
     queued = {"job_id": job_id, "type": "state", "state": "queued", "step": "0", "total_steps": "0", "ts": "5.25",
-              "data": "{}"}
+              "data": "{}", "phase": ""}
     canceled = {**queued, "state": "canceled", "ts": "7.5", "data": '{"error": ' + error + "}"}
     assert entries(store, state.job_events_key(job_id)) == entries(store, state.EVENTS_STREAM) == [queued, canceled]
     assert [list(entry) for entry in entries(store, state.EVENTS_STREAM)] == [[f.name for f in state.EVENT_FIELDS]] * 2
@@ -64,11 +64,11 @@ def test_submit_and_cancel_write_the_documented_hash_and_entries(store):
 
 def test_parse_event_reads_text_or_bytes_and_fills_missing_fields():
     fields = {b"job_id": b"j", b"type": b"progress", b"state": b"running", b"step": b"3", b"total_steps": b"20",
-              b"ts": b"5.25", b"data": b'{"x": 1}'}
+              b"ts": b"5.25", b"data": b'{"x": 1}', b"phase": b"denoising"}
     assert state.parse_event(fields) == {"job_id": "j", "type": "progress", "state": "running", "step": 3,
-                                         "total_steps": 20, "ts": 5.25, "data": {"x": 1}}
+                                         "total_steps": 20, "ts": 5.25, "data": {"x": 1}, "phase": "denoising"}
     assert state.parse_event({"type": "state"}) == {"job_id": "", "type": "state", "state": "", "step": 0,
-                                                    "total_steps": 0, "ts": 0.0, "data": {}}
+                                                    "total_steps": 0, "ts": 0.0, "data": {}, "phase": ""}
 
 
 def test_only_the_prelude_writes_event_entries():

@@ -16,8 +16,8 @@ from typing import Callable
 import redis
 
 from api_client import schema
-from api_client.state import (CLAIM, EVENTS_STREAM_MAXLEN, FINISH, PROGRESS, RELEASE, STATE_TTL_SECONDS, Scripts,
-                              cancel_key, job_key)
+from api_client.state import (CLAIM, DENOISING, EVENTS_STREAM_MAXLEN, FINISH, PROGRESS, RELEASE, STATE_TTL_SECONDS,
+                              Scripts, cancel_key, job_key)
 
 __all__ = ["JobStore", "Claim", "ProgressReporter", "CLAIMED", "ALREADY_FINAL", "BUSY"]
 
@@ -60,8 +60,9 @@ class JobStore:
                                                                     now=now)
         return Claim(outcome, state, int(attempt), float(created_at) if created_at else None)
 
-    def progress(self, job_id: str, attempt: int, step: int, total: int) -> bool:
-        return bool(self._scripts.run_job(PROGRESS, job_id, attempt, step, total))
+    def progress(self, job_id: str, attempt: int, step: int, total: int, phase: str = DENOISING) -> bool:
+        """A denoise step, or the start of a phase (state.PHASES), of the attempt that owns the running job."""
+        return bool(self._scripts.run_job(PROGRESS, job_id, attempt, step, total, phase))
 
     def finish(self, job_id: str, state: str, attempt: int | None = None, error: dict | None = None,
                result: dict | None = None) -> bool:
@@ -86,10 +87,11 @@ class JobStore:
 
 
 class ProgressReporter:
-    """The pipeline's callback(step, total). Writes progress at most every `interval_s` (always the last step) and
-    returns False, which stops the denoise loop, once the job's cancel flag is set or its deadline (a
-    time.monotonic() value; the soft time limit, which a solo pool cannot enforce by signal) has passed, or once
-    `lease_lost()` says another attempt took the job over (the GPU time would be wasted: its writes are refused)."""
+    """The pipeline's callback(step, total) and on_phase(name). Writes denoise progress at most every `interval_s`
+    (always the last step), each phase as it begins, and returns False, which stops the denoise loop, once the job's
+    cancel flag is set or its deadline (a time.monotonic() value; the soft time limit, which a solo pool cannot
+    enforce by signal) has passed, or once `lease_lost()` says another attempt took the job over (the GPU time would
+    be wasted: its writes are refused)."""
 
     def __init__(self, store: JobStore, job_id: str, attempt: int, interval_s: float, deadline: float | None = None,
                  clock=time.monotonic, lease_lost: Callable[[], bool] = lambda: False):
@@ -97,13 +99,17 @@ class ProgressReporter:
         self.interval_s, self.deadline, self.clock = interval_s, deadline, clock
         self.lease_lost = lease_lost
         self._last_sent = None
-        self.step = 0   # the last step reported
+        self.step = self.total = 0   # the last step reported, of how many
 
     def __call__(self, step: int, total: int) -> bool:
-        now, self.step = self.clock(), step
+        now, self.step, self.total = self.clock(), step, total
         if step >= total or self._last_sent is None or now - self._last_sent >= self.interval_s:
             self._last_sent = now
             self.store.progress(self.job_id, self.attempt, step, total)
         if self.lease_lost() or (self.deadline is not None and now > self.deadline):
             return False
         return not self.store.cancel_requested(self.job_id)
+
+    def phase(self, name: str) -> None:
+        """The job entered phase `name` (state.PHASES): written at once, with the steps reported so far."""
+        self.store.progress(self.job_id, self.attempt, self.step, self.total, name)

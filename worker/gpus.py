@@ -287,12 +287,12 @@ def _stop(children: list[subprocess.Popen]) -> None:
 
 
 def supervise(spec: str, argv: list[str], metrics_port: int = 0, log_level: str = "INFO",
-              command: list[str] | None = None, device: str = "") -> int:
+              command: list[str] | None = None, device: str = "", log_format: str = "json") -> int:
     """`inpaint-worker --gpus SPEC [celery options]`: plan this host's worker processes (`command`: how to start
     one, default `python -m worker`; `device`: INPAINT_DEVICE) and run them until all have exited."""
-    from worker.app import log_as_json  # the workers' JSON log format (Celery does not configure this process)
+    from worker.app import configure_logs  # the workers' log format (Celery does not configure this process)
 
-    log_as_json(log_level)
+    configure_logs(log_level, log_format)
     devices = visible_devices() if spec.strip().lower() != "none" else []
     gpus = parse_gpus(spec, len(devices))
     check_device(device, gpus)

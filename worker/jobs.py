@@ -9,16 +9,16 @@ import io
 import logging
 import threading
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import redis
 import torch
 from celery.exceptions import SoftTimeLimitExceeded
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from api_client import schema
+from api_client import inputs, schema
+from api_client.state import UPLOADING
 from worker.inference.denoise import InpaintCancelled
 from worker.events import CLAIMED, JobStore, ProgressReporter
 from worker.lease import Heartbeat
@@ -38,7 +38,6 @@ SKIPPED = "skipped"      # already final, running under another live attempt, or
 REJECTED = "rejected"    # no usable job_id: nothing can be recorded
 RETRY = "retry"          # a transient error; the caller schedules another attempt
 
-INPUT_FORMATS = tuple(schema.INPUT_FORMATS)  # PIL format names; one list, shared with the client
 SAVE_OPTIONS = {"png": {"format": "PNG"}, "jpeg": {"format": "JPEG", "quality": 95},
                 "webp": {"format": "WEBP", "quality": 95}}
 
@@ -130,33 +129,15 @@ def validate_job(raw, settings: Settings, storage: Storage) -> schema.Job:
 
 
 def decode_image(name: str, data: bytes, max_pixels: int) -> Image.Image:
-    """A PNG, JPEG or WEBP image; anything else is invalid_input, a decompression bomb is limit_exceeded."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(io.BytesIO(data), formats=INPUT_FORMATS)
-            if image.width * image.height > max_pixels:
-                raise schema.JobError(schema.LIMIT_EXCEEDED, f"{name}: {image.width}x{image.height} is over the "
-                                                             f"limit of {max_pixels} pixels")
-            image.load()
-        except schema.JobError:
-            raise
-        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
-            raise schema.JobError(schema.LIMIT_EXCEEDED, f"{name}: {error}") from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-            raise schema.JobError(schema.INVALID_INPUT, f"{name}: not a readable "
-                                                        f"{', '.join(INPUT_FORMATS)} image ({error})") from None
-    _check_shape(name, image)
+    """A PNG, JPEG or WEBP image, checked from its header as the client checks it (api_client.inputs), then
+    decoded; anything unreadable is invalid_input, a decompression bomb is limit_exceeded."""
+    image = inputs.open_header(name, data, max_pixels)
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as error:
+        raise schema.JobError(schema.INVALID_INPUT, f"{name}: not a readable "
+                                                    f"{', '.join(schema.INPUT_FORMATS)} image ({error})") from None
     return _eight_bit(image)
-
-
-def _check_shape(name: str, image: Image.Image) -> None:
-    if getattr(image, "n_frames", 1) > 1:
-        raise schema.JobError(schema.INVALID_INPUT, f"{name}: an animated image ({image.n_frames} frames); send "
-                                                    "a single frame")
-    if min(image.size) < schema.SIZE_MULTIPLE:
-        raise schema.JobError(schema.INVALID_INPUT, f"{name}: {image.width}x{image.height} is smaller than "
-                                                    f"{schema.SIZE_MULTIPLE}x{schema.SIZE_MULTIPLE} pixels")
 
 
 def _eight_bit(image: Image.Image) -> Image.Image:
@@ -186,17 +167,18 @@ def job_seed(job: schema.Job) -> int:
     return int(job.job_id[:16], 16) % (schema.MAX_SEED - job.num_images + 1)   # seed + i <= MAX_SEED - 1
 
 
-def paint(pipeline, job: schema.Job, image: Image.Image, mask: Image.Image, seed: int, callback) -> list:
+def paint(pipeline, job: schema.Job, image: Image.Image, mask: Image.Image, seed: int, callback,
+          on_phase=None) -> list:
     """The job's images. Out of GPU memory, the pipeline lets go of what it caches (CUDA graphs, free blocks) and
     the job runs once more (its progress starts again); out of memory again, it fails as too large for this GPU."""
     try:
         try:
-            return _run_pipeline(pipeline, job, image, mask, seed, callback)
+            return _run_pipeline(pipeline, job, image, mask, seed, callback, on_phase)
         except torch.OutOfMemoryError:
             log.warning("out of GPU memory; releasing cached graphs and memory, then running the job again",
                         extra={"job_id": job.job_id})
             pipeline.release_memory()
-            return _run_pipeline(pipeline, job, image, mask, seed, callback)
+            return _run_pipeline(pipeline, job, image, mask, seed, callback, on_phase)
     # Only the pipeline's own argument checks (size multiples, strength x steps, ...) are the caller's fault; any
     # other ValueError (inside torch, say) is a worker bug and ends as internal.
     except InpaintArgumentError as error:
@@ -208,13 +190,14 @@ def paint(pipeline, job: schema.Job, image: Image.Image, mask: Image.Image, seed
                                                      "freed: lower width, height or num_images") from None
 
 
-def _run_pipeline(pipeline, job: schema.Job, image: Image.Image, mask: Image.Image, seed: int, callback) -> list:
+def _run_pipeline(pipeline, job: schema.Job, image: Image.Image, mask: Image.Image, seed: int, callback,
+                  on_phase) -> list:
     return pipeline(job.prompt, image, mask, negative_prompt=job.negative_prompt,
                     num_inference_steps=job.num_inference_steps, guidance_scale=job.guidance_scale,
                     strength=job.strength, scheduler=job.scheduler, seed=seed,
                     num_images_per_prompt=job.num_images, height=job.height, width=job.width,
                     mask_blur=job.mask_blur, padding_mask_crop=job.padding_mask_crop,
-                    keep_unmasked=job.keep_unmasked, callback=callback)
+                    keep_unmasked=job.keep_unmasked, callback=callback, on_phase=on_phase)
 
 
 def encode_image(image: Image.Image, output_format: str) -> bytes:
@@ -250,8 +233,9 @@ def _execute(job: schema.Job, runtime: Runtime, reporter: ProgressReporter) -> d
     pipeline = runtime.pipeline()
     timings["model_s"] = time.monotonic() - started - timings["fetch_s"]
     seed = job_seed(job)
-    images = paint(pipeline, job, image, mask, seed, reporter)
+    images = paint(pipeline, job, image, mask, seed, reporter, on_phase=reporter.phase)
     timings["inference_s"] = time.monotonic() - started - timings["fetch_s"] - timings["model_s"]
+    reporter.phase(UPLOADING)
     entries = upload_outputs(job, images, seed, runtime.storage)
     timings["upload_s"] = time.monotonic() - started - sum(timings.values())
     timings["total_s"] = time.monotonic() - started

@@ -1,18 +1,23 @@
-"""`inpaint run`: one job in this process, without queue or storage (DESIGN §6).
+"""`inpaint run`: one job without queue or storage (DESIGN §6), in a process of its own.
 
-The CLI (api_client/cli.py, which must not import torch) imports this module only for `inpaint run` and hands it
-plain values. The options become a job with the schema's defaults and are painted by the worker's own
-`jobs.paint`, so `inpaint run` paints what `inpaint submit` with the same options paints.
+The CLI (api_client/cli.py) never imports the worker side: it starts `python -m worker.local_run`, writes the
+request as one JSON object on its standard input ({"model", "image", "mask", "prompt", "out", "options", "device",
+"dtype"}: plain values) and reads JSON lines back on its standard output: {"progress": [step, total]} after each
+denoise step, then {"files": [...]} or {"error": {"kind": "usage" | "job" | "failed", "code", "message"}}.
+The options become a job with the schema's defaults and are painted by the worker's own `jobs.paint`, so
+`inpaint run` paints what `inpaint submit` with the same options paints.
 """
+import json
+import sys
 import uuid
 from pathlib import Path
 from typing import Callable
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from api_client import schema
-from worker import jobs
-from worker.inference.pipeline import InpaintPipeline
+
+INSTALL_HINT = "the in-process runner needs the worker extra (pip install 'inpaint-fleet[worker]')"
 
 
 def run_local(model: str, image: str, mask: str, prompt: str, out: Path, options: dict, device: str | None = None,
@@ -22,6 +27,10 @@ def run_local(model: str, image: str, mask: str, prompt: str, out: Path, options
     image_file, mask_file = _open_input("image", image).convert("RGB"), _open_input("mask", mask).convert("L")
     job = local_job(image, mask, prompt, options)
     outputs = output_paths(out, job.num_images)
+    # The torch side is imported only now, so that a client-only install still gets main()'s one-line answer.
+    from worker import jobs
+    from worker.inference.pipeline import InpaintPipeline
+
     pipe = InpaintPipeline.from_pretrained(model, device=device, dtype=dtype)
     images = jobs.paint(pipe, job, image_file, mask_file, jobs.job_seed(job), progress)
     outputs[0].parent.mkdir(parents=True, exist_ok=True)
@@ -53,3 +62,40 @@ def _open_input(name: str, path: str) -> Image.Image:
     image = Image.open(path)
     image.load()
     return image
+
+
+def main() -> int:
+    """The process `inpaint run` starts: one request on stdin, JSON lines on stdout (see the module's docstring)."""
+    def send(message: dict) -> None:
+        print(json.dumps(message), flush=True)
+
+    request = json.load(sys.stdin)
+    try:
+        files = run_local(request["model"], request["image"], request["mask"], request["prompt"],
+                          Path(request["out"]), request["options"], device=request.get("device"),
+                          dtype=request.get("dtype"), progress=lambda step, total: send({"progress": [step, total]}))
+    except Exception as error:   # every failure goes back to the CLI as one line, never a traceback
+        send({"error": error_message(error)})
+        return 1
+    send({"files": [str(path) for path in files]})
+    return 0
+
+
+def error_message(error: Exception) -> dict:
+    """An exception of run_local as the CLI reports it: kind (usage: exit 2, job: by its code, failed: exit 1)."""
+    if isinstance(error, ImportError):
+        return {"kind": "usage", "code": schema.INVALID_INPUT, "message": f"run: {INSTALL_HINT}: {error}"}
+    if isinstance(error, Image.DecompressionBombError):   # a header claiming a huge size: refused before decoding
+        return {"kind": "job", "code": schema.LIMIT_EXCEEDED, "message": f"run: {error}"}
+    if isinstance(error, schema.JobError):
+        return {"kind": "job", "code": error.code, "message": error.message}
+    if isinstance(error, (UnidentifiedImageError, ValueError)):   # PIL's error for an input that is no image
+        return {"kind": "usage", "code": schema.INVALID_INPUT, "message": f"run: {error}"}
+    code = getattr(error, "code", None)   # ModelLoadError carries model_unavailable
+    if code in schema.ERROR_CODES:
+        return {"kind": "failed", "code": code, "message": f"run: {error}"}
+    return {"kind": "failed", "code": schema.INTERNAL, "message": f"run: {type(error).__name__}: {error}"}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,6 +14,7 @@ from worker.inference.names import DTYPES, GRAPH_MODES, KERNEL_MODES, dtype_key
 
 __all__ = ["Settings", "redact_url"]
 
+LOG_FORMATS = ("json", "text")
 MAX_PRESIGN_EXPIRY_S = 7 * 24 * 3600  # S3's ceiling for SigV4 presigned URLs
 
 
@@ -30,8 +31,9 @@ class Settings(FleetSettings):
     model_cache_dir: str = _setting("INPAINT_MODEL_CACHE_DIR", "", "hub cache folder (empty = huggingface_hub's)")
     local_files_only: bool = _setting("INPAINT_LOCAL_FILES_ONLY", False, "never download the model, use the cache")
     device: str = _setting("INPAINT_DEVICE", "", "torch device (empty = cuda if available, else cpu)")
-    dtype: str = _setting("INPAINT_DTYPE", "", "float16, bfloat16 or float32 (empty = float16 on cuda, else "
-                                               "float32)", choices=("", *DTYPES))
+    dtype: str = _setting("INPAINT_DTYPE", "auto", "auto, float16, bfloat16 or float32 (auto: float16 on cuda, "
+                                                   "bfloat16 on a CPU with AMX or AVX-512 BF16, else float32)",
+                          choices=("auto", "", *DTYPES))
     cuda_graphs: str = _setting("INPAINT_CUDA_GRAPHS", "auto", "denoise loop as CUDA-graph replay: auto, on or off",
                                 choices=GRAPH_MODES)
     max_cuda_graphs: int = _setting("INPAINT_MAX_CUDA_GRAPHS", 8, "captured graphs kept (one per job shape)",
@@ -85,6 +87,9 @@ class Settings(FleetSettings):
                                                  "512x512:50:pndm (empty = none)")
     log_level: str = _setting("INPAINT_LOG_LEVEL", "INFO", "worker log level",
                               choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    log_format: str = _setting("INPAINT_LOG_FORMAT", "json", "worker log lines, Celery's own included: json (one "
+                                                             "object per line) or text (one line for people)",
+                               choices=LOG_FORMATS)
 
     def __post_init__(self):
         check_fields(self, _normalized)

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from botocore.exceptions import BotoCoreError, ClientError
 
 from api_client import schema
-from api_client.s3 import s3_client
+from api_client.s3 import is_missing_bucket, missing_bucket_message, s3_client
 
 __all__ = ["Storage", "StoredObject"]
 
-MISSING_CODES = {"NoSuchKey", "NoSuchBucket", "404", "NotFound", "AccessDenied", "403"}
+MISSING_CODES = {"NoSuchKey", "404", "NotFound", "AccessDenied", "403"}
 PRECONDITION_FAILED = "PreconditionFailed"
 
 
@@ -63,7 +63,7 @@ class Storage:
             finally:
                 body.close()
         except ClientError as error:
-            raise self._mapped(where, error) from None
+            raise self._mapped(where, bucket, error) from None
         except BotoCoreError as error:
             raise schema.JobError(schema.STORAGE_UNAVAILABLE, f"{where}: {error}") from None
         if len(data) > self.max_input_bytes:
@@ -74,9 +74,10 @@ class Storage:
         return schema.JobError(schema.LIMIT_EXCEEDED, f"{where} is {size} bytes, over the limit of "
                                                       f"{self.max_input_bytes} bytes (INPAINT_MAX_INPUT_BYTES)")
 
-    @staticmethod
-    def _mapped(where: str, error: ClientError) -> schema.JobError:
+    def _mapped(self, where: str, bucket: str, error: ClientError) -> schema.JobError:
         code = _error_code(error)
+        if is_missing_bucket(error):
+            return schema.JobError(schema.INPUT_NOT_FOUND, f"{where}: {missing_bucket_message(self.client, bucket)}")
         if code in MISSING_CODES or _http_status(error) in (403, 404):
             return schema.JobError(schema.INPUT_NOT_FOUND, f"{where}: {code or 'not found'}")
         return schema.JobError(schema.STORAGE_UNAVAILABLE, f"{where}: {code or error}")
@@ -91,6 +92,9 @@ class Storage:
                                    Metadata={**{k: str(v) for k, v in metadata.items()}, "sha256": sha256})
             return StoredObject(bucket, key, sha256, written=True)
         except ClientError as error:
+            if is_missing_bucket(error):   # transient: the job is retried, and runs once the bucket exists
+                message = missing_bucket_message(self.client, bucket)
+                raise schema.JobError(schema.STORAGE_UNAVAILABLE, f"output: s3://{bucket}/{key}: {message}") from None
             if _error_code(error) != PRECONDITION_FAILED and _http_status(error) != 412:
                 raise schema.JobError(schema.STORAGE_UNAVAILABLE,
                                       f"output: s3://{bucket}/{key}: {_error_code(error) or error}") from None

@@ -74,7 +74,9 @@ def test_cli_output_is_the_same_in_http_mode(stack, http_env, tmp_path):
     assert set(result) == {f.name for f in fields(schema.JobStatus)} | {"files"}
     assert result["state"] == schema.SUCCEEDED and len(result["files"]) == 1
     text = inpaint("status", result["job_id"])
-    assert text.stdout == f"{result['job_id']}: succeeded (step 2/2)\n"
+    first, *where = text.stdout.splitlines()
+    assert first == f"{result['job_id']}: succeeded (step 2/2)"
+    assert where[0] == f"image 0: {result['result']['images'][0]['uri']}" and where[1].startswith("  url: http")
     missing = inpaint("status", uuid.uuid4().hex, "--json")
     assert missing.returncode == 1 and json.loads(missing.stdout)["error"]["code"] == "job_not_found"
     env["INPAINT_API_KEY"] = "ik_revoked"

@@ -315,6 +315,12 @@ class TakeOverAt(FakePipeline):
         return super().__call__(prompt, image, mask, callback=take_over, **options)
 
 
+def end_the_taken_over_job(store, job_id: str) -> None:
+    """The attempt that took the job over never runs here: end the job, or the watchdog of a later test's workers
+    (same Redis) would find its lease expired and run it, keeping them from answering while they start."""
+    assert store.finish(job_id, schema.CANCELED, error={"code": schema.CANCELED_ERROR, "message": "test over"})
+
+
 def test_an_attempt_whose_lease_was_taken_over_stops_and_records_nothing(settings, store, storage):
     job = make_job(storage, num_inference_steps=20)
     beating = dataclasses.replace(settings, lease_s=1.0, heartbeat_s=0.05)
@@ -324,6 +330,7 @@ def test_an_attempt_whose_lease_was_taken_over_stops_and_records_nothing(setting
     assert pipeline.last_step < 20   # the denoise loop was stopped, not run to its end
     status = store.status(job["job_id"])
     assert (status.state, status.attempt, status.error) == (schema.RUNNING, 2, None)
+    end_the_taken_over_job(store, job["job_id"])
 
 
 def test_a_refused_final_write_is_not_counted_as_success(settings, store, storage):
@@ -333,6 +340,7 @@ def test_a_refused_final_write_is_not_counted_as_success(settings, store, storag
     assert (outcome.status, outcome.images) == (jobs.SKIPPED, 0)
     status = store.status(job["job_id"])
     assert (status.state, status.attempt, status.result) == (schema.RUNNING, 2, None)
+    end_the_taken_over_job(store, job["job_id"])
 
 
 def test_pipeline_is_loaded_once():
@@ -350,6 +358,18 @@ def test_storage_outage_is_retried_then_fails(settings, store, storage):
     assert jobs.run_job(job, runtime, WORKER, may_retry=True).status == jobs.RETRY
     assert jobs.run_job(job, runtime, WORKER, may_retry=False).status == jobs.FAILED
     assert failed(store, job)[0] == schema.STORAGE_UNAVAILABLE
+
+
+def test_a_missing_bucket_is_named_with_its_endpoint_and_how_to_create_it(settings, s3_server):
+    missing = Storage.from_settings(dataclasses.replace(settings, allowed_buckets="no-such-bucket"))
+    where = (f"'no-such-bucket' does not exist at {s3_server.endpoint_url}; create it "
+             "(e.g. `aws s3 mb s3://no-such-bucket")
+    with pytest.raises(schema.JobError) as reading:
+        missing.read("image", "no-such-bucket", "in/image.png")
+    with pytest.raises(schema.JobError) as writing:
+        missing.write_once("no-such-bucket", "jobs/x/0.png", b"png", "image/png", {})
+    assert reading.value.code == schema.INPUT_NOT_FOUND and where in reading.value.message
+    assert writing.value.code == schema.STORAGE_UNAVAILABLE and where in writing.value.message
 
 
 def test_job_without_a_usable_id_is_refused_and_nothing_written(settings, store, storage):

@@ -1,7 +1,12 @@
 """The whole service: real redis-server, moto S3 over HTTP, two `inpaint-worker` processes on the tiny model."""
 import hashlib
 import io
+import json
+import os
 import re
+import signal
+import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -42,10 +47,13 @@ def test_submitted_job_runs_and_reports_everything(service):
         assert Image.open(io.BytesIO(body)).size == (image["width"], image["height"]) == (64, 64)
 
     events = service.events(job_id)
-    assert [(e["type"], e["state"]) for e in events] == [
-        ("state", "queued"), ("state", "running"), ("progress", "running"), ("progress", "running"),
-        ("state", "succeeded")]
-    assert [e["step"] for e in events[2:]] == [1, 2, 2] and all(e["total_steps"] == 2 for e in events[2:])
+    # The phases of the run, each as it begins, around the denoise steps.
+    assert [(e["type"], e["state"], e["phase"], e["step"]) for e in events] == [
+        ("state", "queued", "", 0), ("state", "running", "fetching", 0), ("progress", "running", "encoding", 0),
+        ("progress", "running", "denoising", 0), ("progress", "running", "denoising", 1),
+        ("progress", "running", "denoising", 2), ("progress", "running", "decoding", 2),
+        ("progress", "running", "uploading", 2), ("state", "succeeded", "", 2)]
+    assert all(e["total_steps"] == 2 for e in events[4:])
     assert [e["ts"] for e in events] == sorted(e["ts"] for e in events)
     assert events[-1]["data"]["result"] == status.result
     assert service.shared_events(job_id) == events
@@ -87,6 +95,30 @@ def test_cancel_stops_a_running_job(service):
     assert 1 <= status.step < 60
     assert service.events(job_id)[-1]["state"] == schema.CANCELED
     assert not service.s3.list_objects_v2(Bucket=BUCKET, Prefix=f"jobs/{job_id}/").get("Contents")
+
+
+def test_ctrl_c_on_submit_wait_cancels_the_running_job(service, tmp_path):
+    image, mask = tmp_path / "image.png", tmp_path / "mask.png"
+    sample_image().save(image)
+    sample_mask().save(mask)
+    env = {**os.environ, "INPAINT_BROKER_URL": service.redis_url, "INPAINT_S3_ENDPOINT_URL": service.s3_endpoint_url,
+           "INPAINT_BUCKET": BUCKET}
+    process = subprocess.Popen([sys.executable, "-m", "api_client.cli", "submit", "--image", str(image), "--mask",
+                                str(mask), "--prompt", "a long job", "--steps", "60", "--scheduler", "ddim", "--wait"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        job_id = process.stdout.readline().split(":")[0]   # "<id>: submitted", printed once it is accepted
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while service.client.status(job_id).step < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    assert f"interrupted: {job_id}: cancel requested; the job stops at its next step" in out
+    status = wait_final(service, job_id)
+    assert status.state == schema.CANCELED and 1 <= status.step < 60
 
 
 def not_an_image(service, job_id):
@@ -191,3 +223,16 @@ def test_cancel_of_a_queued_job(service):
     assert status.step == 0
     assert not service.s3.list_objects_v2(Bucket=BUCKET, Prefix=f"jobs/{queued}/").get("Contents")
     assert all(wait_final(service, job_id).state == schema.CANCELED for job_id in busy)
+    # Each cancel revokes the task on every worker, which once logged "No result backend is configured" (Celery
+    # asked the disabled result backend for the state of each task it was not running).
+    for worker in service.workers:
+        assert "result backend" not in worker.log_text()
+
+
+def test_worker_logs_are_one_json_object_per_line_celerys_included(service):
+    for worker in service.workers:
+        lines = worker.log_text().splitlines()
+        assert not [line for line in lines if not line.startswith("{")], lines
+        entries = [json.loads(line) for line in lines]
+        loggers = {entry["logger"].split(".")[0] for entry in entries}
+        assert {"celery", "inpaint"} <= loggers, loggers

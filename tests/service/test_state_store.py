@@ -47,7 +47,7 @@ def test_claim_creates_running_state_and_events_in_both_streams(store, client):
     assert json.loads(fields["job"]) == {"job_id": job_id}
     [event] = events(client, job_id)
     assert event == {"job_id": job_id, "type": "state", "state": "running", "step": 0, "total_steps": 0,
-                     "ts": 1000.0, "data": {"attempt": 1, "worker": "w1"}}
+                     "ts": 1000.0, "data": {"attempt": 1, "worker": "w1"}, "phase": "fetching"}
     shared = [state.parse_event(f) for _, f in client.xrange(state.EVENTS_STREAM) if f["job_id"] == job_id]
     assert shared == [event]
     assert 0 < client.ttl(state.job_key(job_id)) <= TTL_S
@@ -165,6 +165,27 @@ def test_progress_is_throttled_but_the_last_step_always_written(store, client):
     steps = [e["step"] for e in events(client, job_id) if e["type"] == "progress"]
     assert steps == [1, 5, 9, 10]   # t = 0.3, 1.5, 2.7, then the last step
     assert store.status(job_id).step == 10 and store.status(job_id).total_steps == 10
+
+
+def test_phases_are_in_the_hash_and_every_event_and_cleared_at_the_end(store, client):
+    job_id = new_job_id()
+    attempt = store.claim(job_id, "w1", lease_s=60, job={}).attempt
+    assert store.status(job_id).phase == state.FETCHING   # a claim starts by fetching the inputs
+    reporter = ProgressReporter(store, job_id, attempt, interval_s=0)
+    reporter.phase(state.ENCODING)
+    reporter.phase(state.DENOISING)
+    reporter(1, 2)
+    reporter(2, 2)
+    reporter.phase(state.DECODING)
+    reporter.phase(state.UPLOADING)
+    status = store.status(job_id)
+    assert (status.phase, status.step, status.total_steps) == (state.UPLOADING, 2, 2)
+    store.finish(job_id, schema.SUCCEEDED, attempt, result={"images": []})
+    assert [(e["phase"], e["step"], e["total_steps"]) for e in events(client, job_id)] == [
+        ("fetching", 0, 0), ("encoding", 0, 0), ("denoising", 0, 0), ("denoising", 1, 2), ("denoising", 2, 2),
+        ("decoding", 2, 2), ("uploading", 2, 2), ("", 2, 2)]
+    assert store.status(job_id).phase == ""
+    assert not store.progress(job_id, attempt, 2, 2, state.UPLOADING)   # a final job takes no more phases
 
 
 def test_reporter_stops_on_cancel_flag_and_on_deadline(store, client):

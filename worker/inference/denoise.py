@@ -1,6 +1,6 @@
 """The denoise loop runner: one step function, run eagerly or replayed from a CUDA graph.
 
-A step is: guidance batch -> UNet -> guidance combine -> scheduler update (-> latent blending for 4-channel UNets).
+A step is: guidance batch -> UNet (with SDXL's pooled text and time ids) -> guidance combine -> scheduler update (-> latent blending for 4-channel UNets).
 It reads and writes only static device buffers and the step index tensor, and has no host syncs, so the same code
 runs eagerly and inside `torch.cuda.graph` capture. Graphs are captured once per key (batch, size, scheduler,
 steps, dtype, ...) and replayed for every step of every later job with that key.
@@ -34,6 +34,8 @@ class DenoiseInputs:
     guidance_scale: float                  # > 1 means classifier-free guidance
     step_noise: torch.Tensor | None        # (T, B, 4, h, w) per-step ancestral noise
     blend: tuple | None                    # (image_latents, noise, mask) for 4-channel UNets, each (B, ., h, w)
+    text_embeds: torch.Tensor | None = None  # SDXL: (G*B, P) pooled text embeddings, [negatives; prompts]
+    time_ids: torch.Tensor | None = None     # SDXL: (G*B, 5 or 6) micro-conditioning, [negatives; prompts]
 
     @property
     def guided(self) -> bool:
@@ -50,6 +52,8 @@ class StepState:
         self.condition = None if inputs.condition is None else inputs.condition.clone()
         self.step_noise = None if inputs.step_noise is None else inputs.step_noise.clone()
         self.blend = None if inputs.blend is None else tuple(t.contiguous().clone() for t in inputs.blend)
+        self.text_embeds = None if inputs.text_embeds is None else inputs.text_embeds.clone()
+        self.time_ids = None if inputs.time_ids is None else inputs.time_ids.clone()
         self.guided = inputs.guided
         self.guidance = torch.full((), inputs.guidance_scale, device=device, dtype=torch.float32)
         self.index = torch.zeros((), device=device, dtype=torch.int64)
@@ -57,7 +61,8 @@ class StepState:
     def load(self, inputs: DenoiseInputs, begin: int) -> None:
         self.latents.copy_(inputs.latents)
         self.text.copy_(inputs.text)
-        for mine, theirs in ((self.condition, inputs.condition), (self.step_noise, inputs.step_noise)):
+        for mine, theirs in ((self.condition, inputs.condition), (self.step_noise, inputs.step_noise),
+                             (self.text_embeds, inputs.text_embeds), (self.time_ids, inputs.time_ids)):
             if mine is not None:
                 mine.copy_(theirs)
         for mine, theirs in zip(self.blend or (), inputs.blend or ()):
@@ -73,7 +78,7 @@ def denoise_step(unet, sampler, s: StepState) -> None:
     model_in = sampler.scale_model_input(torch.cat([x, x]) if s.guided else x, i)
     if s.condition is not None:
         model_in = torch.cat([model_in, s.condition], dim=1)
-    eps = unet(model_in, sampler.timestep(i), s.text)
+    eps = unet(model_in, sampler.timestep(i), s.text, text_embeds=s.text_embeds, time_ids=s.time_ids)
     if s.guided:
         uncond, cond = eps.chunk(2)
         eps = uncond + s.guidance.to(eps.dtype) * (cond - uncond)
@@ -135,10 +140,12 @@ class GraphCache:
 
 def graph_key(sampler, inputs: DenoiseInputs) -> tuple:
     """Everything a captured step bakes in; what changes per job (values, guidance scale, start) is read at replay."""
-    cond = None if inputs.condition is None else tuple(inputs.condition.shape)
+    def shape(t):
+        return None if t is None else tuple(t.shape)
+
     return (tuple(inputs.latents.shape), inputs.latents.dtype, str(inputs.latents.device), tuple(inputs.text.shape),
-            cond, inputs.guided, sampler.name, sampler.num_steps, inputs.step_noise is not None,
-            inputs.blend is not None, kernels.kernel_mode())
+            shape(inputs.condition), inputs.guided, sampler.name, sampler.num_steps, inputs.step_noise is not None,
+            inputs.blend is not None, shape(inputs.text_embeds), shape(inputs.time_ids), kernels.kernel_mode())
 
 
 def warm_up(unet, sampler, state: StepState, begin: int, runs: int = 2) -> None:

@@ -2,7 +2,13 @@
 
 prompt + image + mask -> text embeddings, latents and mask conditioning -> the denoise loop (worker.inference.denoise) ->
 VAE decode -> PIL images, optionally pasted back over the original. Every random number is drawn on CPU generators,
-one per image, in the order diffusers' StableDiffusionInpaintPipeline draws them, so a seed gives diffusers' pixels.
+one per image, in the order diffusers' StableDiffusionInpaintPipeline (SDXL: StableDiffusionXLInpaintPipeline)
+draws them, so a seed gives diffusers' pixels.
+
+SDXL models add the pooled text embedding and the micro-conditioning time ids, with diffusers' defaults: original
+and target size = the processing size, crop top-left (0, 0), aesthetic scores 6.0 and 2.5 where the model asks for
+them. No invisible watermark is added to SDXL images (diffusers adds one when the invisible-watermark package is
+installed).
 """
 import gc
 import math
@@ -18,7 +24,14 @@ from worker.inference.model.loader import ModelComponents, load_components
 from worker.inference.names import MAX_SEED, SCHEDULERS
 from worker.inference.schedulers import make_sampler, scheduler_name_for_config
 
-__all__ = ["InpaintPipeline", "InpaintCancelled", "InpaintArgumentError", "SCHEDULERS"]
+__all__ = ["InpaintPipeline", "InpaintCancelled", "InpaintArgumentError", "SCHEDULERS", "PHASES"]
+
+# What `on_phase(name)` reports, in order: prompts and image to latents, the denoise loop (whose steps `callback`
+# reports), latents to pixels.
+PHASES = ("encoding", "denoising", "decoding")
+
+# diffusers' StableDiffusionXLInpaintPipeline defaults, for models whose time ids end in an aesthetic score.
+AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5
 
 
 class InpaintArgumentError(ValueError):
@@ -29,7 +42,7 @@ class InpaintArgumentError(ValueError):
 class _Request:
     """Validated call arguments, one entry per output image where it varies per image."""
     prompts: list[str]             # one per image
-    negative_prompts: list[str]    # one per image
+    negative_prompts: list[str] | None  # one per image; None: not given (SDXL may use zero embeddings then)
     seeds: list[int]               # one per image
     height: int
     width: int
@@ -41,10 +54,15 @@ class _Request:
 class InpaintPipeline:
     def __init__(self, components: ModelComponents, cuda_graphs: str = "auto", max_graphs: int = 8):
         self.unet, self.vae, self.text_encoder = components.unet, components.vae, components.text_encoder
+        self.family = components.family
+        # SDXL's VAE may run in float32 under a float16 UNet (force_upcast); everything else runs in self.dtype.
+        self.vae_dtype = next(self.vae.parameters()).dtype
         self.scheduler_config = components.scheduler_config
         self.default_scheduler = scheduler_name_for_config(self.scheduler_config)
         self.device, self.dtype = components.device, components.dtype
         self.vae_scale_factor = self.vae.scale_factor
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16:
+            use_channels_last(self.unet, self.vae)
         self.runner = DenoiseRunner(self.unet, mode=cuda_graphs, max_graphs=max_graphs)
 
     @classmethod
@@ -75,7 +93,10 @@ class InpaintPipeline:
                  scheduler: str | None = None, seed=None, num_images_per_prompt: int = 1,
                  height: int | None = None, width: int | None = None, mask_blur: int = 0,
                  padding_mask_crop: int | None = None, keep_unmasked: bool = False,
-                 callback=None) -> list[Image.Image]:
+                 callback=None, on_phase=None) -> list[Image.Image]:
+        """See DESIGN §2. `callback(step, total)` follows the denoise loop (False cancels); `on_phase(name)`, if
+        given, is called as each of PHASES begins (it never waits for the device)."""
+        on_phase = on_phase or _no_phase
         _check_images(image, mask)
         _check_number("guidance_scale", guidance_scale, low=0.0)
         _check_int("mask_blur", mask_blur, low=0)
@@ -89,8 +110,11 @@ class InpaintPipeline:
             except ValueError as error:
                 raise InpaintArgumentError(str(error)) from None
         rgb = image.convert("RGB")
-        latents = self._denoise(request, rgb, mask, crop, float(guidance_scale), callback)
-        images = imaging.tensor_to_images(self.vae.decode(latents / self.vae.config.scaling_factor).float())
+        on_phase("encoding")
+        latents = self._denoise(request, rgb, mask, crop, float(guidance_scale), callback, on_phase)
+        on_phase("decoding")
+        decoded = self.vae.decode(latents.to(self.vae_dtype) / self.vae.config.scaling_factor)
+        images = imaging.tensor_to_images(decoded.float())
         if crop is not None or keep_unmasked:
             paste_mask = imaging.blur_mask(mask, mask_blur)
             images = [imaging.paste_back(rgb, generated, paste_mask, crop) for generated in images]
@@ -99,13 +123,7 @@ class InpaintPipeline:
     def _request(self, prompt, image, negative_prompt, steps, strength, scheduler, seed, per_prompt,
                  height, width) -> _Request:
         prompts = _as_prompt_list("prompt", prompt)
-        negatives = [""] * len(prompts) if negative_prompt is None else _as_prompt_list("negative_prompt",
-                                                                                       negative_prompt)
-        if len(negatives) == 1 < len(prompts):
-            negatives = negatives * len(prompts)
-        if len(negatives) != len(prompts):
-            raise InpaintArgumentError(f"negative_prompt: expected 1 or {len(prompts)} entries (one per prompt), "
-                             f"got {len(negatives)}")
+        negatives = _negative_prompts(negative_prompt, len(prompts))
         _check_int("num_inference_steps", steps, low=1)
         _check_int("num_images_per_prompt", per_prompt, low=1)
         _check_number("strength", strength, low=0.0, high=1.0, low_open=True)
@@ -120,7 +138,8 @@ class InpaintPipeline:
                              "num_inference_steps so that at least one step runs")
         sampler = make_sampler(scheduler, self.scheduler_config, steps, self.device)
         return _Request(prompts=[p for p in prompts for _ in range(per_prompt)],
-                        negative_prompts=[n for n in negatives for _ in range(per_prompt)],
+                        negative_prompts=None if negatives is None else [n for n in negatives
+                                                                         for _ in range(per_prompt)],
                         seeds=_seeds(seed, len(prompts), per_prompt), height=height, width=width,
                         begin=(steps - kept) * sampler.order, steps_to_run=kept, sampler=sampler)
 
@@ -137,7 +156,7 @@ class InpaintPipeline:
         return height, width
 
     def _denoise(self, req: _Request, image: Image.Image, mask: Image.Image, crop, guidance: float,
-                 callback) -> torch.Tensor:
+                 callback, on_phase) -> torch.Tensor:
         sampler = req.sampler
         generators = [torch.Generator("cpu").manual_seed(s) for s in req.seeds]
         batch, guided = len(req.seeds), guidance > 1.0
@@ -161,30 +180,34 @@ class InpaintPipeline:
         mask_latents = torch.nn.functional.interpolate(mask_pixels, size=latent_shape[2:]).to(self.device,
                                                                                                  self.dtype)
         masked = pixels * (mask_pixels < 0.5)
-        if four_channel:
-            self._randn((self.vae.config.latent_channels, *latent_shape[2:]), generators[0])  # keeps the order
+        if four_channel:  # the masked image's encoding draw, which diffusers makes for 4-channel UNets too
+            self._randn((self.vae.config.latent_channels, *latent_shape[2:]), generators[0], self.vae_dtype)
             condition = None
         else:
             masked_latents = self._encode(masked, generators[0])
             condition = torch.cat([mask_latents, masked_latents], dim=1).expand(batch, -1, -1, -1)
         step_noise = self._step_noise(sampler, req.begin, latent_shape, generators)
-        text = self._text(req, guided)
+        text, pooled = self._text(req, guided)
         if guided and condition is not None:
             condition = torch.cat([condition, condition])
         inputs = DenoiseInputs(
             latents=latents, text=text, condition=condition, guidance_scale=guidance, step_noise=step_noise,
-            blend=(image_latents, noise, mask_latents.expand(batch, -1, -1, -1)) if four_channel else None)
+            blend=(image_latents, noise, mask_latents.expand(batch, -1, -1, -1)) if four_channel else None,
+            text_embeds=pooled, time_ids=None if pooled is None else self._time_ids(req, guided))
+        on_phase("denoising")
         return self.runner.run(sampler, inputs, req.begin, _as_user_steps(callback, req.steps_to_run))
 
     def _encode(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Sample the VAE's latent distribution with `generator`, scaled as the UNet expects."""
-        mean, std = self.vae.encode(pixels.to(self.device, self.dtype))
-        sample = mean + std * self._randn(mean.shape[1:], generator)
-        return sample * self.vae.config.scaling_factor
+        """Sample the VAE's latent distribution with `generator`, scaled as the UNet expects, in self.dtype.
 
-    def _randn(self, shape, generator: torch.Generator) -> torch.Tensor:
-        # Drawn on the CPU in the model's dtype, as diffusers' randn_tensor does for a CPU generator.
-        return torch.randn((1, *shape), generator=generator, dtype=self.dtype).to(self.device)
+        The pixels pass through self.dtype first, as in diffusers, also when the VAE runs upcast to float32."""
+        mean, std = self.vae.encode(pixels.to(self.device, self.dtype).to(self.vae_dtype))
+        sample = mean + std * self._randn(mean.shape[1:], generator, self.vae_dtype)
+        return sample.to(self.dtype) * self.vae.config.scaling_factor
+
+    def _randn(self, shape, generator: torch.Generator, dtype: torch.dtype | None = None) -> torch.Tensor:
+        # Drawn on the CPU in the model's (or the VAE's) dtype, as diffusers' randn_tensor does for a CPU generator.
+        return torch.randn((1, *shape), generator=generator, dtype=dtype or self.dtype).to(self.device)
 
     def _step_noise(self, sampler, begin: int, latent_shape, generators) -> torch.Tensor | None:
         """Per-step ancestral noise, drawn up front: (T, B, C, h, w), zeros where a step draws none."""
@@ -197,12 +220,40 @@ class InpaintPipeline:
                                   for g in generators])
         return noise.to(self.device)
 
-    def _text(self, req: _Request, guided: bool) -> torch.Tensor:
-        """Text embeddings, [negatives; prompts] when guided, encoding each distinct prompt once."""
-        texts = (req.negative_prompts + req.prompts) if guided else req.prompts
+    def _text(self, req: _Request, guided: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(text embeddings (G*B, 77, D), SDXL's pooled embeddings (G*B, P) or None), [negatives; prompts] when
+        guided. A negative prompt of None is "" except for SDXL models with force_zeros_for_empty_prompt, where
+        diffusers zeroes the negative embeddings instead."""
+        zeroed = guided and req.negative_prompts is None and self.family.force_zeros_for_empty_prompt
+        negatives = [""] * len(req.prompts) if req.negative_prompts is None else req.negative_prompts
+        texts = req.prompts + (negatives if guided and not zeroed else [])
+        hidden, pooled = self._encode_texts(texts)
+        batch = len(req.prompts)
+        if zeroed:
+            return _zeros_then(hidden), None if pooled is None else _zeros_then(pooled)
+        if guided:
+            return _negatives_first(hidden, batch), None if pooled is None else _negatives_first(pooled, batch)
+        return hidden, pooled
+
+    def _encode_texts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Hidden states and pooled embeddings (or None) of `texts`, encoding each distinct text once."""
         distinct = list(dict.fromkeys(texts))
-        embeddings = self.text_encoder.encode(distinct).to(self.device, self.dtype)
-        return embeddings[[distinct.index(t) for t in texts]]
+        hidden, pooled = self.text_encoder.encode_with_pooled(distinct)
+        rows = [distinct.index(t) for t in texts]
+        return hidden.to(self.device, self.dtype)[rows], None if pooled is None else \
+            pooled.to(self.device, self.dtype)[rows]
+
+    def _time_ids(self, req: _Request, guided: bool) -> torch.Tensor:
+        """SDXL's micro-conditioning, one row per UNet batch entry: (G*B, 6), or (G*B, 5) ending in an aesthetic
+        score. diffusers' defaults: original size = target size = (height, width), crop top-left (0, 0)."""
+        size, crop = (req.height, req.width), (0, 0)
+        if self.family.requires_aesthetics_score:
+            ids, negative = (*size, *crop, AESTHETIC_SCORE), (*size, *crop, NEGATIVE_AESTHETIC_SCORE)
+        else:
+            ids = negative = (*size, *crop, *size)
+        batch = len(req.prompts)
+        rows = ([negative] * batch if guided else []) + [ids] * batch
+        return torch.tensor(rows, dtype=self.dtype, device=self.device)
 
     def warmup(self, height: int, width: int, num_inference_steps: int, scheduler: str | None = None,
                batch: int = 1, guidance_scale: float = 7.5) -> None:
@@ -210,6 +261,42 @@ class InpaintPipeline:
         blank = Image.new("RGB", (width, height), (127, 127, 127))
         self(["warm-up"] * batch, blank, Image.new("L", (width, height), 255), scheduler=scheduler,
              num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=0)
+
+
+def _no_phase(name: str) -> None:
+    pass
+
+
+def use_channels_last(*modules: torch.nn.Module) -> None:
+    """Store conv weights NHWC, so that every activation follows (a conv's output takes its weight's layout).
+
+    oneDNN's bfloat16 convolutions work in NHWC; on NCHW tensors each conv reorders its input and output. Measured
+    on the SD1.5 architecture at 512x512 (benchmarks/results/2026-12-01-cpu-pipeline.md): a UNet step 0.8x, the VAE
+    decode 0.5x the NCHW time. Float32 keeps NCHW, where the parity tests compare with diffusers bit for bit."""
+    for module in modules:
+        module.to(memory_format=torch.channels_last)
+
+
+def _zeros_then(t: torch.Tensor) -> torch.Tensor:
+    return torch.cat([torch.zeros_like(t), t])
+
+
+def _negatives_first(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """Rows [prompts; negatives] -> [negatives; prompts], the guidance batch order."""
+    return torch.cat([t[batch:], t[:batch]])
+
+
+def _negative_prompts(negative_prompt, prompts: int) -> list[str] | None:
+    """One negative prompt per prompt, or None when none was given (None and "" differ for SDXL models)."""
+    if negative_prompt is None:
+        return None
+    negatives = _as_prompt_list("negative_prompt", negative_prompt)
+    if len(negatives) == 1 < prompts:
+        negatives = negatives * prompts
+    if len(negatives) != prompts:
+        raise InpaintArgumentError(f"negative_prompt: expected 1 or {prompts} entries (one per prompt), "
+                                   f"got {len(negatives)}")
+    return negatives
 
 
 def _as_user_steps(callback, steps: int):

@@ -1,8 +1,10 @@
-"""SD1.5's UNet2DConditionModel, compact.
+"""The UNet2DConditionModel of SD1.5 and SDXL, compact.
 
 Built from a diffusers `unet/config.json`; every attribute name equals the diffusers state-dict key, so a diffusers
 checkpoint loads with `load_state_dict(sd, strict=True)` and no renaming. Attention goes through
 `kernels.attention` and every GroupNorm through `kernels.group_norm` (fused with the SiLU that follows it).
+SDXL's additions are per-block `transformer_layers_per_block` and heads, linear projections and the `text_time`
+addition embedding (the pooled text embedding and the micro-conditioning time ids, added to the timestep embedding).
 The forward never reads a tensor's value on the host, so it can be captured in a CUDA graph.
 """
 import dataclasses
@@ -19,12 +21,12 @@ import kernels
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn",)
+ADDITION_EMBED_TYPES = (None, "text_time")
 
 # diffusers config keys that select architectures we don't implement: accepted only at the value shown.
 # A tuple value lists every accepted value.
 _UNET_FIXED = {
-    "act_fn": "silu", "class_embed_type": None, "num_class_embeds": None, "addition_embed_type": None,
-    "addition_time_embed_dim": None, "projection_class_embeddings_input_dim": None, "class_embeddings_concat": False,
+    "act_fn": "silu", "class_embed_type": None, "num_class_embeds": None, "class_embeddings_concat": False,
     "encoder_hid_dim": None, "encoder_hid_dim_type": None, "dual_cross_attention": False,
     "only_cross_attention": False, "mid_block_only_cross_attention": (None, False),
     "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "time_embedding_type": "positional",
@@ -32,7 +34,8 @@ _UNET_FIXED = {
     "attention_type": "default", "cross_attention_norm": None, "reverse_transformer_layers_per_block": None,
 }
 # Keys with no effect on inference (dropout) or only read by block types we don't implement (diffusers passes
-# resnet_out_scale_factor to neither DownBlock2D/UpBlock2D nor their CrossAttn variants).
+# resnet_out_scale_factor to neither DownBlock2D/UpBlock2D nor their CrossAttn variants; addition_embed_type_num_heads
+# is read only by addition_embed_type "text").
 _UNET_IGNORED = ("dropout", "addition_embed_type_num_heads", "resnet_out_scale_factor")
 
 
@@ -99,6 +102,9 @@ class UNetConfig:
     time_embedding_dim: int | None = None
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
+    addition_embed_type: str | None = None             # "text_time" (SDXL): pooled text + time ids embedding
+    addition_time_embed_dim: int | None = None         # sinusoidal channels per time id (SDXL: 256)
+    projection_class_embeddings_input_dim: int | None = None  # pooled dim + time ids x addition_time_embed_dim
 
     @classmethod
     def from_dict(cls, d: dict) -> "UNetConfig":
@@ -124,6 +130,20 @@ class UNetConfig:
             if channels % heads or channels % self.norm_num_groups:
                 raise ValueError(f"UNetConfig: block_out_channels entry {channels} must be divisible by its number "
                                  f"of attention heads ({heads}) and by norm_num_groups ({self.norm_num_groups})")
+        if self.addition_embed_type not in ADDITION_EMBED_TYPES:
+            raise ValueError(f"UNetConfig: unsupported addition_embed_type={self.addition_embed_type!r} (supported: "
+                             f"{ADDITION_EMBED_TYPES!r})")
+        if self.addition_embed_type == "text_time":
+            for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+                value = getattr(self, key)
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise ValueError(f"UNetConfig: addition_embed_type 'text_time' needs {key} as a positive int, "
+                                     f"got {value!r}")
+
+    @property
+    def text_time(self) -> bool:
+        """SDXL's addition embedding: the forward then needs text_embeds and time_ids."""
+        return self.addition_embed_type == "text_time"
 
     @property
     def heads(self) -> tuple[int, ...]:
@@ -388,6 +408,10 @@ class UNet2DConditionModel(nn.Module):
         self.conv_in = nn.Conv2d(config.in_channels, ch0, config.conv_in_kernel, padding=config.conv_in_kernel // 2)
         self.time_proj = Timesteps(ch0, config.flip_sin_to_cos, config.freq_shift)
         self.time_embedding = TimestepEmbedding(ch0, config.time_embed_dim)
+        if config.text_time:
+            self.add_time_proj = Timesteps(config.addition_time_embed_dim, config.flip_sin_to_cos, config.freq_shift)
+            self.add_embedding = TimestepEmbedding(config.projection_class_embeddings_input_dim,
+                                                   config.time_embed_dim)
         self.down_blocks = nn.ModuleList(
             DownBlock2D(i, config, t == "CrossAttnDownBlock2D") for i, t in enumerate(config.down_block_types))
         self.mid_block = UNetMidBlock2DCrossAttn(config)
@@ -397,7 +421,8 @@ class UNet2DConditionModel(nn.Module):
         self.conv_out = nn.Conv2d(ch0, config.out_channels, config.conv_out_kernel,
                                   padding=config.conv_out_kernel // 2)
 
-    def _check_inputs(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
+    def _check_inputs(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                      text_embeds: torch.Tensor | None, time_ids: torch.Tensor | None):
         if sample.ndim != 4 or sample.shape[1] != self.config.in_channels:
             raise ValueError(f"sample: expected shape (B, {self.config.in_channels}, h, w), got {tuple(sample.shape)}")
         if not torch.is_tensor(timestep) or timestep.numel() not in (1, sample.shape[0]):
@@ -406,14 +431,35 @@ class UNet2DConditionModel(nn.Module):
         if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != self.config.cross_attention_dim:
             raise ValueError(f"encoder_hidden_states: expected shape (B, N, {self.config.cross_attention_dim}), "
                              f"got {tuple(encoder_hidden_states.shape)}")
+        if not self.config.text_time:
+            if text_embeds is not None or time_ids is not None:
+                raise ValueError("text_embeds, time_ids: this UNet has no text_time addition embedding; pass neither")
+            return
+        if text_embeds is None or time_ids is None:
+            raise ValueError("text_embeds, time_ids: this UNet's text_time addition embedding needs both")
+        batch, in_dim = sample.shape[0], self.add_embedding.linear_1.in_features
+        if time_ids.ndim != 2 or text_embeds.ndim != 2 or text_embeds.shape[0] != batch or time_ids.shape[0] != batch \
+                or text_embeds.shape[1] + time_ids.shape[1] * self.config.addition_time_embed_dim != in_dim:
+            raise ValueError(f"text_embeds {tuple(text_embeds.shape)}, time_ids {tuple(time_ids.shape)}: expected "
+                             f"(B, P) and (B, T) with B = {batch} and P + T * {self.config.addition_time_embed_dim} "
+                             f"= {in_dim}")
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
-        # sample (B, in_ch, h, w); timestep 0-dim or (B,), on the device; encoder_hidden_states (B, N, D)
-        self._check_inputs(sample, timestep, encoder_hidden_states)
+    def _add_embedding(self, text_embeds: torch.Tensor, time_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """SDXL: the pooled text embedding and the sinusoidal time ids, embedded as a timestep: (B, time_embed_dim)."""
+        time_embeds = self.add_time_proj(time_ids.flatten()).reshape(text_embeds.shape[0], -1)  # (B, T * dim)
+        return self.add_embedding(torch.cat([text_embeds, time_embeds], dim=-1).to(dtype))
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None):
+        # sample (B, in_ch, h, w); timestep 0-dim or (B,), on the device; encoder_hidden_states (B, N, D);
+        # text_time UNets (SDXL) also take text_embeds (B, P), the pooled prompt, and time_ids (B, 5 or 6)
+        self._check_inputs(sample, timestep, encoder_hidden_states, text_embeds, time_ids)
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
         timesteps = timestep.reshape(-1).expand(sample.shape[0])
         emb = self.time_embedding(self.time_proj(timesteps).to(sample.dtype))  # (B, time_embed_dim)
+        if self.config.text_time:
+            emb = emb + self._add_embedding(text_embeds, time_ids, emb.dtype)
         temb = F.silu(emb)  # every resnet applies SiLU to the embedding first: do it once here
         h = self.conv_in(sample)
         skips = [h]
