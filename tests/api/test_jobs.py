@@ -52,16 +52,30 @@ def test_job_runs_over_http_with_wait_events_and_fresh_urls(stack, key_name):
         assert read_sse(client, job["id"], last_event_id=ids[-1]) == []
 
 
-def test_events_stream_live_with_keepalives_until_the_end(stack, key_name):
+def test_events_stream_live_until_the_end(stack, key_name):
     with stack.http(stack.new_key(key_name)) as client:
         job = client.post("/v1/jobs", json=job_body(num_inference_steps=6)).json()
-        lines = []
         with client.stream("GET", f"/v1/jobs/{job['id']}/events") as response:
             lines = list(response.iter_lines())
         data = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
         assert data[-1]["state"] == schema.SUCCEEDED
         assert [e["step"] for e in data if e["type"] == state.EVENT_PROGRESS][-1] == 6
-        assert ": keep-alive" in lines   # the worker takes well over INPAINT_API_KEEPALIVE_S (0.2 s) to start
+
+
+def test_a_quiet_stream_sends_keepalives_and_still_ends(stack, key_name):
+    # A job on a queue no worker reads stays quiet: the stream keeps it alive (INPAINT_API_KEEPALIVE_S, 0.2 s here)
+    # until the job is canceled, then ends after the final state.
+    with stack.http(stack.new_key(key_name, queues=(IDLE_QUEUE,))) as client:
+        job = client.post("/v1/jobs", json=job_body(queue=IDLE_QUEUE)).json()
+        lines = []
+        with client.stream("GET", f"/v1/jobs/{job['id']}/events") as response:
+            for line in response.iter_lines():
+                lines.append(line)
+                if line == ": keep-alive" and lines.count(line) == 1:
+                    client.post(f"/v1/jobs/{job['id']}/cancel").raise_for_status()
+        data = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+        assert [event["state"] for event in data] == [schema.QUEUED, schema.CANCELED]
+        assert lines.index(": keep-alive") < max(i for i, line in enumerate(lines) if line.startswith("data: "))
 
 
 def test_queued_jobs_show_their_position_and_cancel(stack, key_name):
