@@ -175,17 +175,23 @@ def worker_env(broker_url: str, s3_endpoint_url: str, bucket: str, model: str, *
     return env
 
 
-class WorkerProcess(subprocess.Popen):
-    """An `inpaint-worker` process; its log (stdout and stderr) goes to `log_path`."""
-    hostname: str
+class _LoggedProcess(subprocess.Popen):
+    """A service process whose log (stdout and stderr) goes to `log_path`."""
     log_path: Path
+    stop_timeout: float = 10.0
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def stop(self, timeout: float = 20.0) -> None:
-        # SIGTERM is Celery's warm shutdown: the running job finishes first; after `timeout` it is killed.
-        _stop_process(self, timeout)
+    def stop(self, timeout: float | None = None) -> None:
+        """SIGTERM, then killed after `timeout` (default: the class's stop_timeout)."""
+        _stop_process(self, self.stop_timeout if timeout is None else timeout)
+
+
+class WorkerProcess(_LoggedProcess):
+    """An `inpaint-worker` process."""
+    hostname: str
+    stop_timeout = 20.0   # SIGTERM is Celery's warm shutdown: the running job finishes first
 
 
 def start_worker(env: dict, hostname: str | None = None, args=(), log_path=None) -> WorkerProcess:
@@ -216,17 +222,10 @@ def wait_worker_ready(broker_url: str, worker: WorkerProcess, timeout: float = 6
         app.close()
 
 
-class ApiProcess(subprocess.Popen):
-    """An `inpaint-api` process on 127.0.0.1; its log (stdout and stderr) goes to `log_path`."""
+class ApiProcess(_LoggedProcess):
+    """An `inpaint-api` process on 127.0.0.1."""
     url: str
     port: int
-    log_path: Path
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self, timeout: float = 10.0) -> None:
-        _stop_process(self, timeout)
 
     def answers(self) -> bool:
         try:
